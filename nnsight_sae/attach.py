@@ -1,0 +1,44 @@
+"""Binding a dictionary to its site(s) in a model, with the checks done up front."""
+
+from __future__ import annotations
+
+from .dictionary import Dictionary
+from .errors import DictionaryError
+from .sites import _envoy, _join, architecture_of, resolve_site, site_layer
+from .traced import Attached
+
+
+def _device(model, site):
+    try:
+        return next(site.envoy._module.parameters()).device
+    except StopIteration:
+        return next(model._module.parameters()).device
+
+
+def attach(model, dictionary: Dictionary) -> Attached:
+    """Bind ``dictionary`` to the site it was trained on in ``model``.
+
+    Checks the site exists in this model and that its width matches the
+    dictionary's ``d_in`` (and ``d_out`` for a transcoder's output site), then
+    moves the dictionary to the site's device and dtype. Nothing is attached to
+    the model's module tree.
+    """
+    site = resolve_site(model, dictionary.site)
+    if site.d_in is not None and site.d_in != dictionary.d_in:
+        raise DictionaryError(f"dictionary d_in={dictionary.d_in} does not match site {site.name!r} "
+                              f"of this model (width {site.d_in})")
+    out_site = mlp = None
+    out_name = dictionary.cfg.get("out_site")
+    if out_name:
+        out_site = resolve_site(model, out_name)
+        if out_site.d_in is not None and out_site.d_in != dictionary.d_out:
+            raise DictionaryError(f"dictionary d_out={dictionary.d_out} does not match site "
+                                  f"{out_name!r} of this model (width {out_site.d_in})")
+        layer = site_layer(dictionary.site)
+        if (layer is not None and dictionary.site.startswith("mlp_in.") and out_name == f"mlp_out.{layer}"):
+            arch = architecture_of(model)
+            if arch.mlp is not None:
+                mlp = _envoy(model, _join(arch.layers, str(layer), arch.mlp))
+    dtype = next(model._module.parameters()).dtype
+    dictionary.to(device=_device(model, site), dtype=dtype)
+    return Attached(dictionary, site, out_site, mlp)

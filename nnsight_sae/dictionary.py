@@ -1,0 +1,109 @@
+"""The Dictionary base class: a sparse dictionary's parameters and its math.
+
+Plain torch only (no I/O, no nnsight), so a dictionary can be shipped by value
+to a remote trace. Files live in ``nnsight_sae.files``; training in
+``nnsight_sae.train``.
+"""
+
+import torch
+
+
+class Dictionary(torch.nn.Module):
+    """Base of every dictionary type.
+
+    Parameters follow SAELens names and shapes: ``W_enc`` (d_in, d_sae),
+    ``b_enc`` (d_sae), ``W_dec`` (d_sae, d_out), ``b_dec`` (d_out). ``cfg`` is a
+    plain dict: at least ``d_in``, ``d_sae`` and ``site``; subclasses add their
+    hyper-parameters. The decoder is linear (``f @ W_dec + b_dec``) for every
+    type, which is what lets feature edits leave the error term untouched.
+
+    Subclasses set ``type_name`` and implement ``encode``; training-time
+    behaviour that differs from inference goes in ``encode_train``.
+    """
+
+    type_name = ""
+    #: config keys a subclass requires beyond d_in/d_sae/site, with defaults
+    defaults: dict = {}
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        cfg = {**self.defaults, **cfg, "architecture": self.type_name}
+        for key in ("d_in", "d_sae", "site"):
+            if key not in cfg:
+                raise ValueError(f"{self.type_name} config needs {key!r}")
+        self.cfg = cfg
+        d_in, d_sae, d_out = cfg["d_in"], cfg["d_sae"], cfg.get("d_out", cfg["d_in"])
+        dtype = getattr(torch, cfg.get("dtype", "float32"))
+        self.W_enc = torch.nn.Parameter(torch.empty(d_in, d_sae, dtype=dtype))
+        self.b_enc = torch.nn.Parameter(torch.zeros(d_sae, dtype=dtype))
+        self.W_dec = torch.nn.Parameter(torch.empty(d_sae, d_out, dtype=dtype))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d_out, dtype=dtype))
+        self.reset_parameters()
+
+    # -- shape ------------------------------------------------------------
+    @property
+    def d_in(self) -> int:
+        return self.cfg["d_in"]
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg["d_sae"]
+
+    @property
+    def d_out(self) -> int:
+        return self.cfg.get("d_out", self.cfg["d_in"])
+
+    @property
+    def site(self) -> str:
+        return self.cfg["site"]
+
+    # -- init -------------------------------------------------------------
+    def reset_parameters(self, seed=None):
+        """Random unit-norm decoder rows, encoder = decoder transpose, zero biases."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            w = torch.randn(self.W_dec.shape, generator=g, dtype=self.W_dec.dtype)
+            self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
+            if self.W_enc.shape == (self.W_dec.shape[1], self.W_dec.shape[0]):
+                self.W_enc.copy_(self.W_dec.T)
+            else:
+                self.W_enc.copy_(torch.randn(self.W_enc.shape, generator=g, dtype=self.W_enc.dtype)
+                                 / self.W_enc.shape[0] ** 0.5)
+            for p in (self.b_enc, self.b_dec):
+                if p is not None:
+                    p.zero_()
+
+    # -- math -------------------------------------------------------------
+    def pre_acts(self, x):
+        """Encoder pre-activations; the decoder bias is subtracted from the input
+        first unless ``apply_b_dec_to_input`` is false (as for transcoders)."""
+        if self.cfg.get("apply_b_dec_to_input", True):
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def encode(self, x):
+        """Feature activations (..., d_sae) of activations x (..., d_in)."""
+        raise NotImplementedError
+
+    def encode_train(self, x):
+        """Feature activations during training; by default the same as encode."""
+        return self.encode(x)
+
+    def decode(self, f):
+        """Reconstruction (..., d_out) of feature activations f (..., d_sae)."""
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
+
+    def decoder_directions(self):
+        """(d_sae, d_out) feature directions written into the site."""
+        return self.W_dec
+
+    @torch.no_grad()
+    def normalize_decoder(self):
+        """Project decoder rows back to unit norm (after an optimiser step)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    def extra_repr(self):
+        return f"{self.type_name}: d_in={self.d_in}, d_sae={self.d_sae}, site={self.site!r}"

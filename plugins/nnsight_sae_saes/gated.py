@@ -1,0 +1,31 @@
+"""Gated SAE (Rajamanoharan et al. 2024)."""
+
+import torch
+
+from nnsight_sae.dictionary import Dictionary
+
+
+class GatedSAE(Dictionary):
+    """Gate: pi_gate = W_enc (x - b_dec) + b_gate decides which features fire;
+    magnitude: pi_mag = (W_enc * exp(r_mag)) (x - b_dec) + b_mag sets how much.
+    f = 1[pi_gate > 0] * ReLU(pi_mag). There is no ``b_enc``: ``b_gate`` and
+    ``b_mag`` take its place, as in SAELens' layout."""
+
+    type_name = "gated"
+    defaults = {"l1_coefficient": 1e-3}
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        del self.b_enc
+        self.b_enc = None
+        self.b_gate = torch.nn.Parameter(torch.zeros(self.d_sae, dtype=self.W_enc.dtype))
+        self.b_mag = torch.nn.Parameter(torch.zeros(self.d_sae, dtype=self.W_enc.dtype))
+        self.r_mag = torch.nn.Parameter(torch.zeros(self.d_sae, dtype=self.W_enc.dtype))
+
+    def gate_and_magnitude(self, x):
+        centred = (x - self.b_dec) @ self.W_enc
+        return centred + self.b_gate, centred * torch.exp(self.r_mag) + self.b_mag
+
+    def encode(self, x):
+        gate, mag = self.gate_and_magnitude(x)
+        return (gate > 0).to(mag.dtype) * torch.relu(mag)

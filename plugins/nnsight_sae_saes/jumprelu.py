@@ -1,0 +1,73 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024) with a straight-through estimator."""
+
+import torch
+
+from nnsight_sae.dictionary import Dictionary
+
+
+def _rectangle(x):
+    return ((x > -0.5) & (x < 0.5)).to(x.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """z * H(z - theta); the threshold's gradient through a rectangle kernel."""
+
+    @staticmethod
+    def forward(ctx, z, threshold, bandwidth):
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return z * (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        grad_z = grad * (z > threshold).to(z.dtype)
+        grad_t = -(threshold / bw) * _rectangle((z - threshold) / bw) * grad
+        return grad_z, grad_t.reshape(-1, z.shape[-1]).sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """H(z - theta), for the L0 penalty; the threshold's gradient as above."""
+
+    @staticmethod
+    def forward(ctx, z, threshold, bandwidth):
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        grad_t = -(1.0 / bw) * _rectangle((z - threshold) / bw) * grad
+        return torch.zeros_like(z), grad_t.reshape(-1, z.shape[-1]).sum(0), None
+
+
+class JumpReLUSAE(Dictionary):
+    """f = ReLU(h) * (h > threshold) per feature, h = W_enc (x - b_dec) + b_enc.
+
+    Trained with an L0 penalty; the threshold's gradient comes from
+    straight-through estimators with a rectangle kernel of width ``bandwidth``.
+    """
+
+    type_name = "jumprelu"
+    defaults = {"bandwidth": 1e-3, "initial_threshold": 1e-3, "l0_coefficient": 1e-3}
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.threshold = torch.nn.Parameter(
+            torch.full((self.d_sae,), float(self.cfg["initial_threshold"]), dtype=self.W_enc.dtype))
+
+    def encode(self, x):
+        pre = self.pre_acts(x)
+        return torch.relu(pre) * (pre > self.threshold)
+
+    def encode_train(self, x):
+        pre = torch.relu(self.pre_acts(x))
+        return _JumpReLU.apply(pre, self.threshold, self.cfg["bandwidth"])
+
+    def l0_train(self, x):
+        """Differentiable (in the threshold) number of active features per row."""
+        pre = torch.relu(self.pre_acts(x))
+        return _Step.apply(pre, self.threshold, self.cfg["bandwidth"]).sum(-1)

@@ -1,0 +1,44 @@
+"""ReLU + L1 SAE (Cunningham et al. 2023), tied or untied."""
+
+import torch
+
+from nnsight_sae.dictionary import Dictionary
+
+
+class ReluSAE(Dictionary):
+    """f = ReLU(W_enc (x - b_dec) + b_enc); x_hat = W_dec f + b_dec.
+
+    ``tied=True`` is the paper's residual-stream form: the decoder is the
+    encoder's transpose (one matrix M with unit-norm rows), with no decoder bias.
+    """
+
+    type_name = "relu"
+    defaults = {"tied": False, "l1_coefficient": 8.6e-4}
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if self.cfg["tied"]:
+            # One free matrix: W_dec. W_enc and b_dec stay as (frozen) copies so the
+            # file layout matches untied SAEs; `tie()` refreshes them.
+            self.W_enc.requires_grad_(False)
+            self.b_dec.requires_grad_(False)
+
+    def pre_acts(self, x):
+        if self.cfg["tied"]:
+            return x @ self.W_dec.T + self.b_enc
+        return super().pre_acts(x)
+
+    def encode(self, x):
+        return torch.relu(self.pre_acts(x))
+
+    def decode(self, f):
+        if self.cfg["tied"]:
+            return f @ self.W_dec
+        return super().decode(f)
+
+    @torch.no_grad()
+    def normalize_decoder(self):
+        super().normalize_decoder()
+        if self.cfg["tied"]:
+            self.W_enc.copy_(self.W_dec.T)
+            self.b_dec.zero_()
