@@ -32,6 +32,86 @@ def cmd_analyze(args) -> int:
 _COMMON = {"command", "func", "analysis", "dict", "model", "out"}
 
 
+def _csv(kind):
+    def parse(text):
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+    return parse
+
+
+def _add_data(p, tokens_default):
+    g = p.add_argument_group("data")
+    g.add_argument("--tokens", type=int, default=tokens_default, help="corpus tokens to use")
+    g.add_argument("--dataset", help="Hugging Face dataset name, streamed (needs the network)")
+    g.add_argument("--split", default="train")
+    g.add_argument("--text-column", default="text")
+    g.add_argument("--data", help="local .txt, .jsonl or .parquet file")
+    g.add_argument("--ctx-len", type=int, default=128, help="tokens per context")
+    g.add_argument("--keep-bos", action="store_true",
+                   help="keep each context's first position (BOS / attention sink) in the data")
+
+
+def _data_spec(args, **kw):
+    from .pipeline import DataSpec
+
+    return DataSpec(dataset=args.dataset, data=args.data, split=args.split, text_column=args.text_column,
+                    ctx_len=args.ctx_len, drop_bos=not args.keep_bos, **kw)
+
+
+def _fail_if_exists(out, resume=False):
+    from pathlib import Path
+
+    from .errors import NnsightSaeError
+
+    if Path(out).exists() and any(Path(out).iterdir()) and not resume:
+        raise NnsightSaeError(f"{out} exists and is not empty; choose another --out (or --resume)")
+
+
+def cmd_train(args) -> int:
+    from .models import load_model
+    from .pipeline import RunSpec, train_and_evaluate
+    from .plugins import registry
+
+    for t in args.type:  # check what needs no model first, so bad input costs nothing
+        registry().get("dictionary_types", t)
+    if args.tokens <= 0 or args.epochs <= 0 or args.batch_size <= 0:
+        raise NnsightSaeError("--tokens, --epochs and --batch-size must be positive")
+    _fail_if_exists(args.out, args.resume)
+    model = load_model(args.model)
+    from .sites import resolve_site
+
+    widths = args.d_sae or sorted({args.expansion * resolve_site(model, s).d_in for s in args.site})
+    hyper = {k: v for k, v in {"k": args.k, "l1_coefficient": args.l1, "tied": args.tied or None,
+                               "skip": args.skip or None}.items() if v is not None}
+    run = RunSpec(types=args.type, sites=args.site, d_sae=widths, hyper=hyper, epochs=args.epochs,
+                  batch_size=args.batch_size, buffer_rows=args.buffer_rows)
+    config = {"lr": args.lr, "seed": args.seed, "checkpoint_every": args.checkpoint_every}
+    results = train_and_evaluate(model, _data_spec(args, tokens=args.tokens, eval_tokens=args.eval_tokens),
+                                 run, config, args.out, resume=args.resume)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from .analysis import write_json
+    from .evaluate import evaluate
+    from .files import load_dictionary
+    from .models import load_model
+    from .pipeline import token_contexts
+
+    dictionary = load_dictionary(args.dict)
+    model = load_model(args.model)
+    data = _data_spec(args, eval_tokens=args.tokens)
+    result = evaluate(model, [dictionary], token_contexts(model, data, held_out=True), drop_bos=data.drop_bos)[0]
+    write_json(Path(args.out) / "eval.json", result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def _add_model(p):
     p.add_argument("--model", default=None,
                    help="Hugging Face id, local folder or .gguf file (default: the embedded SmolLM2-135M)")
@@ -43,6 +123,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("info", help="JSON of everything the plugins registered, with the plugin of each")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="harvest activations, train dictionaries, evaluate them")
+    p.add_argument("--type", type=_csv(str), required=True, help="dictionary type(s), comma-separated")
+    p.add_argument("--site", type=_csv(str), required=True, help="site(s), e.g. resid_post.6 (comma-separated)")
+    p.add_argument("--out", required=True, help="output folder (one subfolder per dictionary if several)")
+    _add_model(p)
+    p.add_argument("--d-sae", type=_csv(int), help="dictionary width(s) (default: --expansion x site width)")
+    p.add_argument("--expansion", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=1, help="passes over the harvested tokens")
+    p.add_argument("--k", type=int, help="active features for topk / batchtopk (default 32)")
+    p.add_argument("--l1", type=float, help="sparsity coefficient for relu, jumprelu, gated, transcoder")
+    p.add_argument("--tied", action="store_true", help="relu: tied encoder/decoder")
+    p.add_argument("--skip", action="store_true", help="transcoder: add a linear skip term")
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--batch-size", type=int, default=256, help="activation rows per step")
+    p.add_argument("--buffer-rows", type=int, default=65536, help="rows in the shuffling buffer")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for the final eval")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    _add_data(p, 300_000)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a dictionary on held-out text")
+    p.add_argument("dict", help="dictionary folder")
+    p.add_argument("--out", required=True, help="folder for eval.json")
+    _add_model(p)
+    _add_data(p, 8192)
+    p.set_defaults(func=cmd_eval)
 
     from .plugins import registry
 

@@ -24,6 +24,10 @@ class Dictionary(torch.nn.Module):
     type_name = ""
     #: config keys a subclass requires beyond d_in/d_sae/site, with defaults
     defaults: dict = {}
+    #: how the trainer revives dead features: "resample", "auxk" (in the loss) or "none"
+    dead_features = "resample"
+    #: parameters that scale with the feature activations (divided when an input scale is folded in)
+    feature_scaled = ("b_enc",)
 
     def __init__(self, cfg: dict):
         super().__init__()
@@ -94,7 +98,7 @@ class Dictionary(torch.nn.Module):
         return f @ self.W_dec + self.b_dec
 
     def forward(self, x):
-        return self.decode(self.encode(x))
+        return self.decode(self.encode(x)) + self.skip_term(x)
 
     def decoder_directions(self):
         """(d_sae, d_out) feature directions written into the site."""
@@ -104,6 +108,57 @@ class Dictionary(torch.nn.Module):
     def normalize_decoder(self):
         """Project decoder rows back to unit norm (after an optimiser step)."""
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    # -- training ---------------------------------------------------------
+    def sparsity_penalty(self, x, f):
+        """The sparsity term before its coefficient: mean L1 of the features."""
+        return f.abs().sum(-1).mean()
+
+    def training_loss(self, x, target, *, sparsity_scale=1.0, dead=None):
+        """{loss, features, recon, mse}: per-element MSE to ``target`` plus the
+        sparsity coefficient (scaled by the trainer's warm-up) times the penalty.
+        ``dead`` is a bool mask of features the trainer considers dead."""
+        f = self.encode_train(x)
+        recon = self.decode(f) + self.skip_term(x)
+        mse = (recon - target).pow(2).mean()
+        coefficient = self.cfg.get("l1_coefficient", 0.0) * sparsity_scale
+        loss = mse + coefficient * self.sparsity_penalty(x, f) if coefficient else mse
+        return {"loss": loss, "features": f, "recon": recon, "mse": mse}
+
+    def skip_term(self, x):
+        """A linear path from input to output besides the features (zero by default)."""
+        return 0
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale_in: float, scale_out: float):
+        """Make a dictionary trained on (scale_in * x -> scale_out * y) work on raw
+        x -> y. Features shrink by scale_out, so unit-norm decoder rows stay unit norm."""
+        ratio = scale_in / scale_out
+        if not self.cfg.get("tied"):
+            self.W_enc.mul_(ratio)
+        for name in self.feature_scaled:
+            p = getattr(self, name, None)
+            if p is not None:
+                p.div_(scale_out)
+        self.b_dec.div_(scale_out)
+
+    @torch.no_grad()
+    def resample(self, dead, inputs, errors, generator):
+        """Re-initialise dead features (bool mask) towards inputs the dictionary
+        reconstructs worst (picked with probability proportional to squared error)."""
+        n = int(dead.sum())
+        if n == 0:
+            return
+        pick = torch.multinomial(errors.pow(2) + 1e-12, n, replacement=n > len(errors), generator=generator)
+        directions = inputs[pick] - (self.b_dec if self.cfg.get("apply_b_dec_to_input", True) else 0)
+        directions = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        alive = ~dead
+        enc_norm = self.W_enc[:, alive].norm(dim=0).mean() if alive.any() else 1.0
+        if self.W_dec.shape[1] == directions.shape[1]:
+            self.W_dec[dead] = directions
+        self.W_enc[:, dead] = directions.T * enc_norm * 0.2
+        if self.b_enc is not None:
+            self.b_enc[dead] = 0.0
 
     def extra_repr(self):
         return f"{self.type_name}: d_in={self.d_in}, d_sae={self.d_sae}, site={self.site!r}"

@@ -87,6 +87,14 @@ def edit_features(f, ablate=None, clamp=None, add=None):
     return f
 
 
+def at_positions(mask, new, old):
+    """new where mask (batch, pos) is true, else old; new everywhere without a mask."""
+    if mask is None:
+        return new
+    mask = mask.to(new.device).bool()
+    return torch.where(mask.reshape(*mask.shape, *([1] * (new.dim() - mask.dim()))), new, old)
+
+
 class Attached:
     """A dictionary bound to its site(s) in one model, for use inside traces.
 
@@ -108,13 +116,14 @@ class Attached:
         """The feature activations of the site (read only)."""
         return self.dictionary.encode(self.site.read())
 
-    def splice(self, *, error=True, ablate=None, clamp=None, add=None):
+    def splice(self, *, error=True, ablate=None, clamp=None, add=None, mask=None):
         """Replace the site by the dictionary's reconstruction and return the features.
 
         error=True keeps the error term (x - x_hat), so with no edits the model
         runs as if untouched (to float tolerance); feature edits then change the
         activation by exactly the edited features' decoder contributions.
-        error=False writes the bare (edited) reconstruction.
+        error=False writes the bare (edited) reconstruction. mask (batch, pos),
+        if given, limits the change to positions where it is true.
         """
         d = self.dictionary
         x = self.site.read()
@@ -124,25 +133,25 @@ class Attached:
             out = x if edited is f else x + (edited - f) @ d.decoder_directions()
         else:
             out = d.decode(edited)
-        self.site.write(out)
+        self.site.write(at_positions(mask, out, x))
         return edited
 
-    def replace_mlp(self, *, error=False, ablate=None, clamp=None, add=None):
+    def replace_mlp(self, *, error=False, ablate=None, clamp=None, add=None, mask=None):
         """Replace the MLP's output by the transcoder's prediction and return its features.
 
         error=False skips the MLP's own compute where the family has a single MLP
-        module; error=True runs the MLP and keeps the transcoder's error term.
+        module (and no mask is given); error=True runs the MLP and keeps the
+        transcoder's error term. mask as in splice.
         """
         d = self.dictionary
         x = self.site.read()
         f = d.encode(x)
         edited = edit_features(f, ablate, clamp, add) if (ablate or clamp or add) else f
         prediction = d.decode(edited) + d.skip_term(x)
-        if error:
-            target = self.out_site.read()
-            self.out_site.write(target + (edited - f) @ d.decoder_directions())
-        elif self.mlp is not None:
+        if self.mlp is not None and not error and mask is None:
             self.mlp.skip(prediction)
-        else:
-            self.out_site.write(prediction)
+            return edited
+        target = self.out_site.read()
+        out = target + (edited - f) @ d.decoder_directions() if error else prediction
+        self.out_site.write(at_positions(mask, out, target))
         return edited

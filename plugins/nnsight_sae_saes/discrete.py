@@ -12,6 +12,7 @@ class DiscreteSAE(Dictionary):
 
     type_name = "discrete"
     defaults = {"l1_coefficient": 0.02}
+    dead_features = "none"
 
     def encode(self, x):
         return torch.relu(self.pre_acts(x))

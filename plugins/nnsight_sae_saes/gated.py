@@ -13,6 +13,7 @@ class GatedSAE(Dictionary):
 
     type_name = "gated"
     defaults = {"l1_coefficient": 1e-3}
+    feature_scaled = ("b_gate", "b_mag")
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -29,3 +30,16 @@ class GatedSAE(Dictionary):
     def encode(self, x):
         gate, mag = self.gate_and_magnitude(x)
         return (gate > 0).to(mag.dtype) * torch.relu(mag)
+
+    def training_loss(self, x, target, *, sparsity_scale=1.0, dead=None):
+        gate, mag = self.gate_and_magnitude(x)
+        f = (gate > 0).to(mag.dtype) * torch.relu(mag)
+        recon = self.decode(f)
+        mse = (recon - target).pow(2).mean()
+        # the gate path is trained by an L1 on ReLU(gate) and by reconstructing
+        # through a frozen decoder
+        gate_act = torch.relu(gate)
+        aux = (gate_act @ self.W_dec.detach() + self.b_dec.detach() - target).pow(2).mean()
+        l1 = gate_act.sum(-1).mean()
+        loss = mse + self.cfg["l1_coefficient"] * sparsity_scale * l1 + aux
+        return {"loss": loss, "features": f, "recon": recon, "mse": mse}

@@ -52,7 +52,8 @@ class JumpReLUSAE(Dictionary):
     """
 
     type_name = "jumprelu"
-    defaults = {"bandwidth": 1e-3, "initial_threshold": 1e-3, "l0_coefficient": 1e-3}
+    defaults = {"bandwidth": 1e-3, "initial_threshold": 1e-3, "l1_coefficient": 1e-3}
+    feature_scaled = ("b_enc", "threshold")
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -67,7 +68,7 @@ class JumpReLUSAE(Dictionary):
         pre = torch.relu(self.pre_acts(x))
         return _JumpReLU.apply(pre, self.threshold, self.cfg["bandwidth"])
 
-    def l0_train(self, x):
-        """Differentiable (in the threshold) number of active features per row."""
+    def sparsity_penalty(self, x, f):
+        """L0, differentiable in the threshold through the straight-through estimator."""
         pre = torch.relu(self.pre_acts(x))
-        return _Step.apply(pre, self.threshold, self.cfg["bandwidth"]).sum(-1)
+        return _Step.apply(pre, self.threshold, self.cfg["bandwidth"]).sum(-1).mean()

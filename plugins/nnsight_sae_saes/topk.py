@@ -11,14 +11,40 @@ def topk_relu(pre, k):
     return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
 
 
+def auxk_loss(d, x, target, recon, dead):
+    """Gao et al.'s auxiliary loss: the dead features' top-k_aux pre-activations
+    reconstruct the residual error, normalised by the error's variance."""
+    if dead is None or not dead.any():
+        return recon.new_zeros(())
+    k_aux = min(int(d.cfg.get("k_aux", d.d_in // 2)), int(dead.sum()))
+    pre = d.pre_acts(x).masked_fill(~dead, float("-inf"))
+    error = (target - recon).detach()
+    error_hat = topk_relu(pre, k_aux) @ d.W_dec
+    scale = (error - error.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
+    return (error_hat - error).pow(2).sum(-1).mean() / scale
+
+
 class TopKSAE(Dictionary):
-    """f = ReLU(TopK_k(W_enc (x - b_dec) + b_enc))."""
+    """f = ReLU(TopK_k(W_enc (x - b_dec) + b_enc)). Dead features are revived by
+    the auxiliary-k loss; ``k_warmup`` (a fraction of training) starts k at 4x and
+    anneals it down."""
 
     type_name = "topk"
-    defaults = {"k": 32}
+    defaults = {"k": 32, "auxk_coefficient": 1 / 32, "k_warmup": 0.0}
+    dead_features = "auxk"
 
     def encode(self, x):
         return topk_relu(self.pre_acts(x), self.cfg["k"])
+
+    def training_loss(self, x, target, *, sparsity_scale=1.0, dead=None):
+        # sparsity_scale runs 0 -> 1 over the warm-up: k runs 4k -> k
+        k = self.cfg["k"]
+        k_now = round(k * (4 - 3 * sparsity_scale)) if self.cfg["k_warmup"] else k
+        f = topk_relu(self.pre_acts(x), min(k_now, self.d_sae))
+        recon = self.decode(f)
+        mse = (recon - target).pow(2).mean()
+        aux = auxk_loss(self, x, target, recon, dead)
+        return {"loss": mse + self.cfg["auxk_coefficient"] * aux, "features": f, "recon": recon, "mse": mse}
 
 
 class BatchTopKSAE(Dictionary):
@@ -28,7 +54,9 @@ class BatchTopKSAE(Dictionary):
     other rows."""
 
     type_name = "batchtopk"
-    defaults = {"k": 32}
+    defaults = {"k": 32, "auxk_coefficient": 1 / 32, "threshold_momentum": 0.99}
+    dead_features = "auxk"
+    feature_scaled = ("b_enc", "threshold")
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -45,3 +73,17 @@ class BatchTopKSAE(Dictionary):
         k = min(self.cfg["k"] * pre.reshape(-1, pre.shape[-1]).shape[0], flat.numel())
         values, indices = flat.topk(k)
         return torch.zeros_like(flat).scatter(0, indices, values).reshape(pre.shape)
+
+    def training_loss(self, x, target, *, sparsity_scale=1.0, dead=None):
+        f = self.encode_train(x)
+        recon = self.decode(f)
+        mse = (recon - target).pow(2).mean()
+        with torch.no_grad():  # inference threshold: running mean of the smallest kept activation
+            kept = f[f > 0]
+            if kept.numel():
+                m = self.cfg["threshold_momentum"]
+                current = self.threshold[0]
+                new = kept.min() if current == 0 else m * current + (1 - m) * kept.min()
+                self.threshold.fill_(float(new))
+        aux = auxk_loss(self, x, target, recon, dead)
+        return {"loss": mse + self.cfg["auxk_coefficient"] * aux, "features": f, "recon": recon, "mse": mse}

@@ -34,5 +34,9 @@ class Transcoder(Dictionary):
         """The linear skip contribution (zero without a skip)."""
         return x @ self.W_skip.T if self.cfg["skip"] else 0
 
-    def forward(self, x):
-        return self.decode(self.encode(x)) + self.skip_term(x)
+    @torch.no_grad()
+    def fold_input_scale(self, scale_in, scale_out):
+        super().fold_input_scale(scale_in, scale_out)
+        if self.cfg["skip"]:
+            self.W_skip.mul_(scale_in / scale_out)
+

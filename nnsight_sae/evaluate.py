@@ -1,0 +1,140 @@
+"""Evaluation of dictionaries on held-out contexts: reconstruction and downstream loss."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .attach import attach
+from .dictionary import Dictionary
+from .harvest import forward_order
+from .traced import at_positions
+
+DENSE_FRACTION = 0.1  # a feature firing on more than this fraction of tokens counts as dense
+
+
+def _next_token_ce(logits, ids, mask):
+    """Per-token cross-entropy of predicting ids[t+1] from logits[t], summed, and the count."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, ids[:, 1:, None].to(logp.device)).squeeze(-1)
+    keep = (mask[:, 1:] * mask[:, :-1]).bool().to(nll.device)
+    return float(nll[keep].sum()), int(keep.sum())
+
+
+def _kl(clean_logits, logits, ids, mask):
+    """KL(clean || other) summed over positions that predict a real next token."""
+    p = torch.log_softmax(clean_logits[:, :-1].float(), dim=-1)
+    q = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    keep = (mask[:, 1:] * mask[:, :-1]).bool().to(kl.device)
+    return float(kl[keep].sum())
+
+
+class _Accumulator:
+    def __init__(self, d: Dictionary):
+        self.d = d
+        self.rows = 0
+        self.sq_err = self.sum = self.sq = self.cos = self.l0 = 0.0
+        self.fires = torch.zeros(d.d_sae, dtype=torch.long)
+        self.ce = {"spliced": 0.0, "zero": 0.0}
+        self.kl = 0.0
+
+    def add_activations(self, x, target, keep):
+        d = self.d
+        with torch.no_grad():
+            # one row per vector (head_out: one per head)
+            x = x[keep].float().reshape(-1, x.shape[-1])
+            target = target[keep].float().reshape(-1, target.shape[-1])
+            f = d.encode(x)
+            recon = d.decode(f) + d.skip_term(x)
+            self.rows += len(x)
+            self.sq_err += float((target - recon).pow(2).sum())
+            self.sum = self.sum + target.sum(0)
+            self.sq = self.sq + target.pow(2).sum(0)
+            self.cos += float(torch.nn.functional.cosine_similarity(target, recon, dim=-1).sum())
+            active = f != 0
+            self.l0 += float(active.sum())
+            self.fires += active.sum(0).cpu()
+
+    def result(self, ce_clean, n_tokens):
+        variance = float((self.sq - self.sum.pow(2) / self.rows).sum())
+        fvu = self.sq_err / max(variance, 1e-12)
+        ce_spliced, ce_zero = self.ce["spliced"] / n_tokens, self.ce["zero"] / n_tokens
+        d = self.d
+        out = {
+            "type": d.type_name, "site": d.site, "d_in": d.d_in, "d_sae": d.d_sae,
+            "rows": self.rows,
+            "l0": self.l0 / self.rows,
+            "mse": self.sq_err / (self.rows * d.d_out),
+            "fvu": fvu,
+            "explained_variance": 1 - fvu,
+            "cosine_similarity": self.cos / self.rows,
+            "ce_clean": ce_clean,
+            "ce_spliced": ce_spliced,
+            "ce_zero_ablation": ce_zero,
+            "ce_increase": ce_spliced - ce_clean,
+            "ce_loss_recovered": (ce_zero - ce_spliced) / (ce_zero - ce_clean) if ce_zero != ce_clean else None,
+            "kl_div": self.kl / n_tokens,
+            "dead_fraction": float((self.fires == 0).float().mean()),
+            "dense_fraction": float((self.fires > DENSE_FRACTION * self.rows).float().mean()),
+        }
+        if "out_site" in d.cfg:
+            out["out_site"] = d.cfg["out_site"]
+        return out
+
+
+def evaluate(model, dictionaries: list[Dictionary], tokens: torch.Tensor, *,
+             attention_mask: torch.Tensor | None = None, batch_size: int = 8, drop_bos: bool = True,
+             progress: bool = True) -> list[dict]:
+    """Metrics of each dictionary on held-out token contexts.
+
+    L0, MSE, FVU, explained variance, cosine similarity on the site's rows
+    (padding excluded); next-token CE clean, with the reconstruction spliced in
+    (transcoders: the MLP replaced) and with the site zero-ablated; CE loss
+    recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean); KL(clean || spliced);
+    dead (never fired) and dense (fired on > 10% of tokens) feature fractions.
+    drop_bos: leave each context's first position (BOS, or the attention-sink
+    position of models without one) out of the statistics and unspliced, as in training.
+    """
+    attached = [attach(model, d) for d in dictionaries]
+    sites = forward_order(list({s for a in attached for s in (a.site.name, a.out_site.name if a.out_site else None)
+                                if s}))
+    resolved = {a.site.name: a.site for a in attached} | {a.out_site.name: a.out_site for a in attached if a.out_site}
+    acc = [_Accumulator(a.dictionary) for a in attached]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(tokens)
+    ce_clean, n_tokens = 0.0, 0
+    bar = tqdm(total=len(tokens), desc="eval", unit="ctx", disable=not progress, leave=False)
+    for start in range(0, len(tokens), batch_size):
+        ids, mask = tokens[start:start + batch_size], attention_mask[start:start + batch_size]
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        where = mask.bool().clone()
+        if drop_bos:
+            where[:, 0] = False
+        saved = {}  # filled inside the trace: only objects made outside it survive, besides .save()d ones
+        with model.trace(inputs):
+            for s in sites:
+                saved[s] = resolved[s].read().save()
+            clean = model.output.logits.save()
+        ce, n = _next_token_ce(clean, ids, mask)
+        ce_clean, n_tokens = ce_clean + ce, n_tokens + n
+        for a, ac in zip(attached, acc):
+            x = saved[a.site.name]
+            ac.add_activations(x, saved[a.out_site.name] if a.out_site else x, where.to(x.device))
+            with model.trace(inputs):
+                if a.out_site is not None:
+                    a.replace_mlp(error=False, mask=where)
+                else:
+                    a.splice(error=False, mask=where)
+                spliced = model.output.logits.save()
+            with model.trace(inputs):
+                zero_site = a.out_site or a.site
+                current = zero_site.read()
+                zero_site.write(at_positions(where, torch.zeros_like(current), current))
+                zeroed = model.output.logits.save()
+            ac.ce["spliced"] += _next_token_ce(spliced, ids, mask)[0]
+            ac.ce["zero"] += _next_token_ce(zeroed, ids, mask)[0]
+            ac.kl += _kl(clean, spliced, ids, mask)
+        bar.update(len(ids))
+    bar.close()
+    return [ac.result(ce_clean / n_tokens, n_tokens) for ac in acc]

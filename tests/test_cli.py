@@ -1,0 +1,103 @@
+"""The command line: contracts, bad input, train/eval end to end on a tiny model, kill and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nnsight_sae.testing import make_tiny_model
+
+CLI = [sys.executable, "-m", "nnsight_sae"]
+
+
+def cli(*args, check=False, **kw):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, check=check, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    return make_tiny_model("gpt2", tmp_path_factory.mktemp("gpt2"))
+
+
+def assert_one_line_exit_2(result):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_help_for_every_command():
+    for cmd in ([], ["info"], ["train"], ["eval"], ["analyze"]):
+        assert cli(*cmd, "--help").returncode == 0
+
+
+@pytest.mark.parametrize("args, match", [
+    (["train", "--type", "nosuch", "--site", "resid_post.0"], "unknown dictionary type 'nosuch'"),
+    (["train", "--type", "topk", "--site", "resid_post.9"], "layer 9 out of range"),
+    (["train", "--type", "topk", "--site", "resid_middle.0"], "malformed site"),
+    (["train", "--type", "topk", "--site", "resid_post.0", "--ctx-len", "4096"], "longer than the model allows"),
+    (["train", "--type", "topk", "--site", "resid_post.0", "--data", "/no/such.txt"], "no such data file"),
+    (["train", "--type", "transcoder", "--site", "resid_post.0"], "a transcoder reads mlp_in.L"),
+])
+def test_bad_train_input_exits_2_and_writes_nothing(tmp_path, tiny_gpt2, args, match):
+    out = tmp_path / "out"
+    line = assert_one_line_exit_2(cli(*args, "--model", tiny_gpt2, "--out", out, "--tokens", 500))
+    assert match in line
+    assert not out.exists()
+
+
+def test_bad_model_and_dictionary_exit_2(tmp_path):
+    line = assert_one_line_exit_2(cli("train", "--type", "topk", "--site", "resid_post.0",
+                                      "--model", tmp_path / "missing", "--out", tmp_path / "o"))
+    assert "not a model folder" in line
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "cfg.json").write_text("{\"d_in\": 3")
+    assert "not valid JSON" in assert_one_line_exit_2(cli("eval", tmp_path / "d", "--out", tmp_path / "e"))
+    assert cli("analyze", "nosuch", "--dict", "x", "--out", "y").returncode == 2
+
+
+TRAIN = ["train", "--type", "topk", "--site", "resid_post.1", "--d-sae", 128, "--k", 8, "--tokens", 20_000,
+         "--epochs", 2, "--batch-size", 32, "--ctx-len", 32, "--eval-tokens", 512, "--checkpoint-every", 50]
+
+
+def test_train_then_eval(tmp_path, tiny_gpt2):
+    out = tmp_path / "d"
+    result = cli(*TRAIN, "--model", tiny_gpt2, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "eval.json", "sae_weights.safetensors"]
+    ev = json.loads((out / "eval.json").read_text())
+    printed = json.loads(result.stdout)
+    assert printed[0]["fvu"] == ev["fvu"] and ev["l0"] <= 8 and 0 <= ev["fvu"] < 1
+    for key in ("mse", "explained_variance", "cosine_similarity", "ce_clean", "ce_spliced", "ce_zero_ablation",
+                "ce_loss_recovered", "kl_div", "dead_fraction", "dense_fraction"):
+        assert key in ev
+    again = cli("eval", out, "--model", tiny_gpt2, "--out", tmp_path / "e", "--tokens", 512, "--ctx-len", 32)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["fvu"] == pytest.approx(ev["fvu"], rel=1e-5)
+    assert "exists" in assert_one_line_exit_2(cli(*TRAIN, "--model", tiny_gpt2, "--out", out))
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, tiny_gpt2):
+    whole = cli(*TRAIN, "--model", tiny_gpt2, "--out", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*CLI, *map(str, TRAIN), "--model", str(tiny_gpt2), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint" / "state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "sae_weights.safetensors").exists()
+    resumed = cli(*TRAIN, "--model", tiny_gpt2, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_file(tmp_path / "whole" / "sae_weights.safetensors")
+    b = load_file(out / "sae_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
