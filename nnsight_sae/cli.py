@@ -79,7 +79,14 @@ def cmd_train(args) -> int:
     if args.tokens <= 0 or args.epochs <= 0 or args.batch_size <= 0:
         raise NnsightSaeError("--tokens, --epochs and --batch-size must be positive")
     _fail_if_exists(args.out, args.resume)
-    model = load_model(args.model)
+    import os
+
+    import torch
+
+    device_map = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
+        device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # one GPU per data-parallel process
+    model = load_model(args.model, device_map=device_map)
     from .sites import resolve_site
 
     widths = args.d_sae or sorted({args.expansion * resolve_site(model, s).d_in for s in args.site})
@@ -90,7 +97,26 @@ def cmd_train(args) -> int:
     config = {"lr": args.lr, "seed": args.seed, "checkpoint_every": args.checkpoint_every}
     results = train_and_evaluate(model, _data_spec(args, tokens=args.tokens, eval_tokens=args.eval_tokens),
                                  run, config, args.out, resume=args.resume)
-    print(json.dumps(results, indent=2))
+    if results:  # data-parallel runs: only the first process saves and evaluates
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from . import bench
+
+    out = Path(args.out)
+    if args.what == "train":
+        results = bench.bench_train(out)
+    else:
+        from .models import load_model
+
+        model = load_model(args.model)
+        results = (bench.bench_harvest if args.what == "harvest" else bench.bench_splice)(model, out)
+    for r in results:
+        print(f"{r['what']}: ratio {r['ratio']} (ours {r['ours']}, baseline {r['baseline']} {r['unit']})")
     return 0
 
 
@@ -152,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_data(p, 8192)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="benchmarks: a ratio of ours to a baseline measured in the same run")
+    p.add_argument("what", choices=["harvest", "train", "splice"])
+    p.add_argument("--out", required=True, help="folder for the JSON results")
+    _add_model(p)
+    p.set_defaults(func=cmd_bench)
 
     from .plugins import registry
 

@@ -83,6 +83,7 @@ class _Accumulator:
         return out
 
 
+@torch.no_grad()
 def evaluate(model, dictionaries: list[Dictionary], tokens: torch.Tensor, *,
              attention_mask: torch.Tensor | None = None, batch_size: int = 8, drop_bos: bool = True,
              progress: bool = True) -> list[dict]:
@@ -103,8 +104,8 @@ def evaluate(model, dictionaries: list[Dictionary], tokens: torch.Tensor, *,
     acc = [_Accumulator(a.dictionary) for a in attached]
     if attention_mask is None:
         attention_mask = torch.ones_like(tokens)
-    ce_clean, n_tokens = 0.0, 0
     bar = tqdm(total=len(tokens), desc="eval", unit="ctx", disable=not progress, leave=False)
+    ce_clean, n_tokens = 0.0, 0
     for start in range(0, len(tokens), batch_size):
         ids, mask = tokens[start:start + batch_size], attention_mask[start:start + batch_size]
         inputs = {"input_ids": ids, "attention_mask": mask}

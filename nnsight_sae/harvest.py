@@ -52,7 +52,7 @@ def harvest(model, sites: list[str], tokens: torch.Tensor, *, attention_mask: to
         ids = tokens[start:start + batch_size]
         mask = attention_mask[start:start + batch_size]
         saved = []
-        with model.trace({"input_ids": ids, "attention_mask": mask}) as tracer:
+        with torch.no_grad(), model.trace({"input_ids": ids, "attention_mask": mask}) as tracer:
             for site in ordered:
                 saved.append(site.read().save())
             tracer.stop()

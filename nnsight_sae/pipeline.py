@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,10 +90,29 @@ def build_dictionaries(model, run: RunSpec) -> list[Dictionary]:
     return out
 
 
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by accelerate/torchrun."""
+    dist = torch.distributed
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _reduce(value: float, op) -> float:
+    if not torch.distributed.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=op)
+    return float(t[0])
+
+
 def activation_store(model, sites: list[str], spec: DataSpec, *, harvest_batch: int = 8,
                      progress: bool = True) -> ActivationStore:
-    """Harvested training activations, cached by model, corpus and sites."""
-    tokens = token_contexts(model, spec, held_out=False)
+    """Harvested training activations, cached by model, corpus and sites. In a
+    data-parallel run each process harvests its own shard of the contexts."""
+    rank, world = init_distributed()
+    tokens = token_contexts(model, spec, held_out=False)[rank::world]
     key = {"model": model_name(model), "n_params": sum(p.numel() for p in model._module.parameters()),
            **spec.describe()}
     return ActivationStore.cached(model, sites, tokens, cache_root=cache_dir() / "activations", key_info=key,
@@ -118,6 +141,7 @@ def train_and_evaluate(model, data: DataSpec, run: RunSpec, config: dict, out: s
     """
     out = Path(out)
     t0 = time.perf_counter()
+    rank, world = init_distributed()
     dictionaries = build_dictionaries(model, run)
     torch.manual_seed(config.get("seed", 0))
     for i, d in enumerate(dictionaries):
@@ -128,11 +152,13 @@ def train_and_evaluate(model, data: DataSpec, run: RunSpec, config: dict, out: s
     seed = config.get("seed", 0)
     steps = sum(store.batches_per_epoch(run.batch_size, buffer_rows=run.buffer_rows, seed=seed, epoch=e)
                 for e in range(run.epochs))
+    steps = int(_reduce(steps, torch.distributed.ReduceOp.MIN))  # every process takes the same steps
     # a feature counts as dead after a tenth of the run (at most 1M rows) without firing
     config = {"dead_after_rows": min(1_000_000, steps * run.batch_size // 10), **config}
     cfg = TrainConfig(steps=steps, **config)
     sample = torch.randperm(store.n_rows, generator=torch.Generator().manual_seed(seed))[:20_000].sort().values
-    scales = {s: input_scale(store.rows(s, sample.numpy()).reshape(-1, store.shapes[s][-1])) for s in sites}
+    scales = {s: _reduce(input_scale(store.rows(s, sample.numpy()).reshape(-1, store.shapes[s][-1])),
+                         torch.distributed.ReduceOp.SUM) / world for s in sites}
     members = [Member(d, scales[d.site], scales[d.cfg.get("out_site", d.site)]) for d in dictionaries]
     trainer = Trainer(members, cfg)
     checkpoint = out / "checkpoint"
@@ -144,6 +170,14 @@ def train_and_evaluate(model, data: DataSpec, run: RunSpec, config: dict, out: s
     train(trainer, batches, checkpoint_dir=checkpoint, progress=progress)
     t_train = time.perf_counter() - t0 - t_harvest
     finished = trainer.finished()
+    if world > 1:
+        for d in finished:  # each process shows what it ended with; they must agree
+            digest = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes()
+                                             for v in d.state_dict().values())).hexdigest()[:16]
+            print(f"rank {rank}: {d.type_name} at {d.site} weights sha256 {digest}", file=sys.stderr, flush=True)
+        torch.distributed.barrier()
+        if rank != 0:
+            return []
     folders = [out] if len(finished) == 1 else [out / f"{d.type_name}-{d.site}-{d.d_sae}" for d in finished]
     for d, folder in zip(finished, folders):
         d.cfg["training_tokens"] = store.n_rows
@@ -155,7 +189,5 @@ def train_and_evaluate(model, data: DataSpec, run: RunSpec, config: dict, out: s
         r["seconds"] = {"harvest": round(t_harvest, 1), "train": round(t_train, 1), "eval": round(t_eval, 1)}
         r["train_rows"], r["epochs"], r["steps"] = store.n_rows, run.epochs, steps
         write_json(folder / "eval.json", r)
-    import shutil
-
     shutil.rmtree(checkpoint, ignore_errors=True)
     return results

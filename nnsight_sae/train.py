@@ -104,15 +104,21 @@ class Trainer:
         return 1.0 if span < 1 else min(1.0, (step + 1) / span)
 
     # -- one step --------------------------------------------------------------
-    def step(self, batch: dict[str, torch.Tensor]) -> list[dict]:
-        """One optimiser step of every dictionary; returns per-dictionary stats."""
+    def step(self, batch: dict[str, torch.Tensor], stats: bool = True) -> list[dict]:
+        """One optimiser step of every dictionary; returns per-dictionary stats
+        (loss, mse, l0, fvu, dead), or an empty list with stats=False."""
         step = self.step_count
         lr, sparsity = self.lr_at(step), self.sparsity_scale_at(step)
-        stats = []
+        results = []
         for m, opt in zip(self.members, self.optimizers):
             d = m.dictionary
             x = batch[m.site].to(d.W_enc.device, d.W_enc.dtype) * m.scale_in
             target = batch[m.target_site].to(d.W_enc.device, d.W_enc.dtype) * m.scale_out
+            if step == 0 and m.target_site != m.site:
+                with torch.no_grad():  # a transcoder's output bias starts at the target's mean
+                    mean = target.reshape(-1, target.shape[-1]).mean(0)
+                    _all_reduce_mean([mean])
+                    d.b_dec.copy_(mean)
             dead = m.rows_since_fired >= self.config.dead_after_rows
             out = d.training_loss(x, target, sparsity_scale=sparsity,
                                   dead=dead.to(x.device) if d.dead_features == "auxk" else None)
@@ -124,21 +130,30 @@ class Trainer:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            _all_reduce_mean([p.grad for p in d.parameters() if p.grad is not None])
             opt.step()
             d.normalize_decoder()
             with torch.no_grad():
+                # values set outside the gradient (batchtopk's threshold) are averaged across processes
+                _all_reduce_mean([p for p in d.parameters() if not p.requires_grad])
                 fired = (out["features"] != 0).reshape(-1, d.d_sae)
-                m.rows_since_fired += len(fired)
-                m.rows_since_fired[fired.any(0).cpu()] = 0
+                fired_any = fired.any(0).cpu()
+                if _world() > 1:
+                    fired_any = fired_any.to(torch.int32)
+                    torch.distributed.all_reduce(fired_any, op=torch.distributed.ReduceOp.MAX)
+                    fired_any = fired_any.bool()
+                m.rows_since_fired += len(fired) * _world()
+                m.rows_since_fired[fired_any] = 0
                 if d.dead_features == "resample" and self._resample_due(step):
                     self._resample(m, opt, x, target, out["recon"])
-                stats.append({"loss": loss.item(), "mse": out["mse"].item(),
-                              "l0": float(fired.sum(-1).float().mean()),
-                              "fvu": fvu(target.reshape(-1, target.shape[-1]),
-                                         out["recon"].reshape(-1, target.shape[-1])),
-                              "dead": float(dead.float().mean())})
+                if stats:
+                    results.append({"loss": loss.item(), "mse": out["mse"].item(),
+                                    "l0": float(fired.sum(-1).float().mean()),
+                                    "fvu": fvu(target.reshape(-1, target.shape[-1]),
+                                               out["recon"].reshape(-1, target.shape[-1])),
+                                    "dead": float(dead.float().mean())})
         self.step_count += 1
-        return stats
+        return results
 
     def _resample_due(self, step: int) -> bool:
         every = self.config.resample_every or max(1, self.config.steps // 4)
@@ -152,6 +167,9 @@ class Trainer:
         errors = (target - recon).pow(2).sum(-1).reshape(-1).cpu()
         m.dictionary.resample(dead.to(x.device), x.reshape(-1, x.shape[-1]), errors.to(x.device), g)
         m.dictionary.normalize_decoder()
+        if _world() > 1:  # every process takes the first process's revived features
+            for p in m.dictionary.parameters():
+                torch.distributed.broadcast(p.data, src=0)
         for p in opt.param_groups[0]["params"]:  # forget the revived features' Adam moments
             state = opt.state.get(p, {})
             for key in ("exp_avg", "exp_avg_sq"):
@@ -226,6 +244,25 @@ class Trainer:
         return [m.dictionary for m in self.members]
 
 
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_reduce_mean(tensors) -> None:
+    """Average tensors across data-parallel processes (a no-op in a single process)."""
+    if _world() == 1:
+        return
+    for t in tensors:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        t.div_(_world())
+
+
 def _zero_feature_slices(t: torch.Tensor, dead: torch.Tensor, d_sae: int) -> None:
     for dim, size in enumerate(t.shape):
         if size == d_sae:
@@ -239,26 +276,30 @@ def train(trainer: Trainer, batches: Iterable[dict], *, checkpoint_dir=None, che
           progress: bool = True) -> list[dict]:
     """Run ``trainer`` over ``batches`` until ``config.steps``; returns the last stats.
 
-    Writes a checkpoint every ``checkpoint_every`` steps, and one on Ctrl-C.
+    Writes a checkpoint every ``checkpoint_every`` steps, and one on Ctrl-C
+    (in data-parallel runs, only the first process writes).
     """
+    main = _rank() == 0
     config = trainer.config
-    bar = tqdm(total=config.steps, initial=trainer.step_count, desc="train", disable=not progress,
+    bar = tqdm(total=config.steps, initial=trainer.step_count, desc="train", disable=not (progress and main),
                dynamic_ncols=True)
     stats: list[dict] = []
     try:
         for batch in batches:
             if trainer.step_count >= config.steps:
                 break
-            stats = trainer.step(batch)
+            report = (trainer.step_count + 1) % 10 == 0 or trainer.step_count + 1 == config.steps
+            step_stats = trainer.step(batch, stats=report)
             bar.update(1)
-            if trainer.step_count % 10 == 0 or trainer.step_count == config.steps:
+            if report:
+                stats = step_stats
                 s = stats[0]
                 bar.set_postfix(loss=f"{s['loss']:.4f}", l0=f"{s['l0']:.1f}", fvu=f"{s['fvu']:.3f}",
                                 dead=f"{s['dead']:.2f}")
-            if checkpoint_dir and config.checkpoint_every and trainer.step_count % config.checkpoint_every == 0:
+            if main and checkpoint_dir and config.checkpoint_every and trainer.step_count % config.checkpoint_every == 0:
                 trainer.save_checkpoint(checkpoint_dir, checkpoint_extra)
     except KeyboardInterrupt:
-        if checkpoint_dir:
+        if main and checkpoint_dir:
             trainer.save_checkpoint(checkpoint_dir, checkpoint_extra)
         raise
     finally:

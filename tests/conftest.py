@@ -1,4 +1,5 @@
 import os
+import tempfile
 import warnings
 
 import pytest
@@ -6,6 +7,9 @@ import pytest
 # Tests never reach the Hub; plugins come only from this distribution unless a test says otherwise.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# A fresh cache per test run, so each run converts the model and harvests for itself (shared by the
+# tests of that run, subprocesses included). NNSIGHT_SAE_TEST_CACHE=DIR reuses one while iterating.
+os.environ["NNSIGHT_SAE_CACHE"] = os.environ.get("NNSIGHT_SAE_TEST_CACHE") or tempfile.mkdtemp(prefix="nnsight-sae-")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 from nnsight_sae.testing import FAMILIES, load_tiny_model  # noqa: E402

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,3 +102,27 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, tiny_gpt2):
     a = load_file(tmp_path / "whole" / "sae_weights.safetensors")
     b = load_file(out / "sae_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_data_parallel_training_under_accelerate_launch(tmp_path, tiny_gpt2):
+    """Two CPU processes (gloo): each harvests its shard, gradients are averaged, both end with
+    the same weights, and the file the first process saves holds exactly them."""
+    import hashlib
+
+    out = tmp_path / "ddp"
+    # --multi_gpu runs torchrun-style processes; without GPUs they join a gloo group on the CPU
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "nnsight_sae",
+           *map(str, TRAIN), "--epochs", "1", "--model", str(tiny_gpt2), "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    digests = dict(re.findall(r"rank (\d): topk at resid_post.1 weights sha256 ([0-9a-f]{16})", result.stderr))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    saved = load_file(out / "sae_weights.safetensors")
+    # the saved file holds the folded weights; the digest covers the state dict in the same order
+    from nnsight_sae import load_dictionary
+
+    d = load_dictionary(out)
+    digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in d.state_dict().values())).hexdigest()[:16]
+    assert digest == digests["0"] and set(saved) == set(d.state_dict())
+    assert json.loads((out / "eval.json").read_text())["fvu"] < 1

@@ -11,6 +11,14 @@ def topk_relu(pre, k):
     return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
 
 
+def sparse_decode(values, indices, W_dec, b_dec):
+    """sum_j values[..., j] * W_dec[indices[..., j]] + b_dec: the decode of k active
+    features without the dense (rows, d_sae) @ (d_sae, d) product, forward and backward."""
+    flat_i, flat_v = indices.reshape(-1, indices.shape[-1]), values.reshape(-1, values.shape[-1])
+    out = torch.nn.functional.embedding_bag(flat_i, W_dec, per_sample_weights=flat_v, mode="sum")
+    return out.reshape(*values.shape[:-1], W_dec.shape[1]) + b_dec
+
+
 def auxk_loss(d, x, target, recon, dead):
     """Gao et al.'s auxiliary loss: the dead features' top-k_aux pre-activations
     reconstruct the residual error, normalised by the error's variance."""
@@ -40,8 +48,11 @@ class TopKSAE(Dictionary):
         # sparsity_scale runs 0 -> 1 over the warm-up: k runs 4k -> k
         k = self.cfg["k"]
         k_now = round(k * (4 - 3 * sparsity_scale)) if self.cfg["k_warmup"] else k
-        f = topk_relu(self.pre_acts(x), min(k_now, self.d_sae))
-        recon = self.decode(f)
+        values, indices = self.pre_acts(x).topk(min(k_now, self.d_sae), dim=-1)
+        values = torch.relu(values)
+        recon = sparse_decode(values, indices, self.W_dec, self.b_dec)
+        f = torch.zeros(*values.shape[:-1], self.d_sae, dtype=values.dtype, device=values.device)
+        f = f.scatter(-1, indices, values.detach())  # for the trainer's statistics
         mse = (recon - target).pow(2).mean()
         aux = auxk_loss(self, x, target, recon, dead)
         return {"loss": mse + self.cfg["auxk_coefficient"] * aux, "features": f, "recon": recon, "mse": mse}

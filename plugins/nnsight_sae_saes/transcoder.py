@@ -14,7 +14,7 @@ class Transcoder(Dictionary):
     """
 
     type_name = "transcoder"
-    defaults = {"skip": False, "l1_coefficient": 1.4e-4, "apply_b_dec_to_input": False}
+    defaults = {"skip": False, "l1_coefficient": 5e-4, "apply_b_dec_to_input": False}
 
     def __init__(self, cfg):
         if "out_site" not in cfg:
