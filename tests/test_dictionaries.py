@@ -293,3 +293,23 @@ def test_splice_on_the_embedded_model(smol, type_name):
         (att.replace_mlp if type_name == "transcoder" else att.splice)(error=False)
         bare = smol.output.logits.save()
     assert (bare - clean).abs().max() > 0.1
+
+
+def test_padded_batches_match_each_prompt_alone(tiny_models):
+    """Left padding: a prompt's features in a padded batch equal its features alone, and the
+    padded positions are excluded from the harvested rows that statistics are computed on."""
+    from nnsight_sae.harvest import harvest
+
+    model = tiny_models("llama")
+    att = attach(model, make("topk", k=4))
+    short, long = "w5 w6 w7", "w8 w9 w10 w11 w12 w13"
+    with model.trace([short, long]):
+        both = att.features().save()
+    with model.trace(short):
+        alone = att.features().save()
+    enc = model.tokenizer([short, long], return_tensors="pt", padding=True)
+    assert model.tokenizer.padding_side == "left" and enc.attention_mask[0].tolist() == [0, 0, 0, 1, 1, 1]
+    torch.testing.assert_close(both[0, 3:], alone[0], rtol=1e-5, atol=1e-5)
+    rows = next(harvest(model, ["resid_post.1"], enc.input_ids, attention_mask=enc.attention_mask,
+                        progress=False))["resid_post.1"]
+    assert len(rows) == 9  # 3 + 6 real tokens, no padding
