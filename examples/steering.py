@@ -19,9 +19,9 @@ def main():
     model = ns.load_model()
     att = ns.attach(model, ns.load_dictionary(DICT))
     # the feature that fires most on code relative to prose: a "Python source" direction
-    with model.trace(CODE):
+    with torch.no_grad(), model.trace(CODE):
         code = att.features().save()
-    with model.trace("The sun was shining and the birds were singing in the quiet village."):
+    with torch.no_grad(), model.trace("The sun was shining and the birds were singing in the quiet village."):
         prose = att.features().save()
     feature = int((code[0].mean(0) - prose[0].mean(0)).argmax())
     strength = 4 * float(code[0, :, feature].max())

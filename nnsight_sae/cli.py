@@ -120,6 +120,39 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_circuit(args) -> int:
+    from .circuits import circuit_methods, get_task, run_circuit
+    from .models import load_model
+
+    get_task(args.task)  # bad input fails before the model loads
+    if args.method not in circuit_methods():
+        raise NnsightSaeError(f"unknown circuit method {args.method!r}; methods: {', '.join(sorted(circuit_methods()))}")
+    model = load_model(args.model)
+    result = run_circuit(model, args.task, args.out, method=args.method, n_prompts=args.n_prompts,
+                         n_train=args.n_train, seed=args.seed, reference=args.reference)
+    top = ", ".join(f"L{h['layer']}H{h['head']}" for h in result["heads"][:10])
+    print(f"{args.task} / {args.method}: top heads {top}")
+    if "metrics" in result:
+        m = result["metrics"]
+        print(f"ROC AUC {m['roc_auc']:.3f}, precision@{m['k']} {m['precision_at_k']:.2f}, "
+              f"recall@{m['k']} {m['recall_at_k']:.2f}")
+    print(f"{result['seconds']['total']:.1f}s; wrote {args.out}/circuit.json and {args.out}/heads.png"
+          + (f", {args.out}/roc.png" if "metrics" in result else ""))
+    return 0
+
+
+def cmd_reference(args) -> int:
+    from .circuits import get_task, run_reference
+    from .models import load_model
+
+    get_task(args.task)
+    model = load_model(args.model)
+    result = run_reference(model, args.task, args.out, n_prompts=args.n_prompts, top=args.top, seed=args.seed)
+    print(f"{args.task}: reference circuit ({len(result['circuit'])} heads, |effect| >= {result['threshold']:.3f}) "
+          f"in {result['seconds']:.0f}s; wrote {args.out}/reference.json")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from pathlib import Path
 
@@ -179,6 +212,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p, 8192)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("circuit", help="score every attention head for a task; circuit.json + plots")
+    p.add_argument("--task", required=True, help="ioi, greater-than, docstring, or a PATH.jsonl task file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", default="code-overlap", help="a circuit method (see `info`)")
+    p.add_argument("--reference", help="folder holding reference.json, for ROC AUC / precision / recall")
+    p.add_argument("--n-prompts", type=int, default=40)
+    p.add_argument("--n-train", type=int, default=10, help="prompts the method may fit on")
+    p.add_argument("--seed", type=int, default=0)
+    _add_model(p)
+    p.set_defaults(func=cmd_circuit)
+
+    p = sub.add_parser("reference", help="per-head mean-ablation reference circuit; reference.json")
+    p.add_argument("--task", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--top", type=int, default=20, help="heads in the reference circuit")
+    p.add_argument("--n-prompts", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    _add_model(p)
+    p.set_defaults(func=cmd_reference)
+
     p = sub.add_parser("bench", help="benchmarks: a ratio of ours to a baseline measured in the same run")
     p.add_argument("what", choices=["harvest", "train", "splice"])
     p.add_argument("--out", required=True, help="folder for the JSON results")
@@ -190,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="run a registered analysis on a dictionary")
     analyses = p.add_subparsers(dest="analysis", required=True, metavar="NAME")
     for name, entry in sorted(registry().analyses.items()):
+        if getattr(entry.obj, "circuit_method", False):
+            continue  # run through `circuit --method NAME`
         a = analyses.add_parser(name, help=entry.obj.help)
         a.add_argument("--dict", required=True, help="dictionary folder (cfg.json + sae_weights.safetensors)")
         a.add_argument("--out", required=True, help="output folder")

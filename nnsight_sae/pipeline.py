@@ -52,7 +52,7 @@ class RunSpec:
     d_sae: list[int]
     hyper: dict = field(default_factory=dict)  # k, l1_coefficient, tied, skip, ...
     epochs: int = 1
-    batch_size: int = 1024
+    batch_size: int = 256
     buffer_rows: int = 65_536
     harvest_batch: int = 8
 

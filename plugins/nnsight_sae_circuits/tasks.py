@@ -1,0 +1,264 @@
+"""First-party tasks for circuit discovery: ioi, greater-than, docstring, and JSONL files.
+
+A task makes positive prompts (the model can do the task), negative prompts of
+the same form with the task signal destroyed, the answer token of each, and a
+metric on the last-position logits.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nnsight_sae import Task
+from nnsight_sae.errors import NnsightSaeError
+
+
+class TaskError(NnsightSaeError):
+    """A task file that cannot be read, or too few usable prompts."""
+
+
+@dataclass
+class TaskPrompts:
+    """Prompts of one task, index-aligned: positive[i] is answered by answers[i]."""
+
+    positive: list[str]
+    negative: list[str]
+    answers: list[int]
+    wrong: list[int | None]
+    extra: list[dict] = field(default_factory=list)  # per-prompt data a metric needs
+    skipped: int = 0
+
+    def __len__(self):
+        return len(self.positive)
+
+    def subset(self, index):
+        pick = lambda xs: [xs[i] for i in index] if xs else xs  # noqa: E731
+        return TaskPrompts(pick(self.positive), pick(self.negative), pick(self.answers), pick(self.wrong),
+                           pick(self.extra), self.skipped)
+
+
+def single_token(tokenizer, text: str) -> int | None:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return ids[0] if len(ids) == 1 else None
+
+
+def _same_length(tokenizer, a: str, b: str) -> bool:
+    return len(tokenizer(a).input_ids) == len(tokenizer(b).input_ids)
+
+
+def logit_difference(logits, prompts: TaskPrompts):
+    """logit(answer) - logit(wrong) per prompt (log-prob of the answer where no wrong token)."""
+    answers = torch.tensor(prompts.answers, device=logits.device)
+    picked = logits.gather(-1, answers[:, None]).squeeze(-1)
+    if all(w is not None for w in prompts.wrong):
+        wrong = torch.tensor(prompts.wrong, device=logits.device)
+        return picked - logits.gather(-1, wrong[:, None]).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+NAMES = ["Mary", "John", "Tom", "James", "Anna", "Paul", "Kate", "Mark", "Sarah", "David", "Lucy", "Peter",
+         "Emma", "Jack", "Alice", "Michael", "Laura", "Daniel", "Rachel", "Steve", "Susan", "George", "Linda",
+         "Frank", "Helen", "Robert", "Karen", "Brian", "Julia", "Adam", "Amy", "Chris", "Jane", "Mike", "Ben"]
+PLACES = ["store", "park", "school", "hospital", "station", "library", "beach", "office", "market", "garden",
+          "restaurant", "museum", "bank", "church", "cinema"]
+OBJECTS = ["drink", "book", "ball", "gift", "letter", "key", "ring", "bag", "pen", "cake", "flower", "hat"]
+# ABBA: A B ... B ... -> A.  BABA: B A ... B ... -> A.  ({a}=IO, {b}=S; the placeholders are swapped for BABA)
+IOI_TEMPLATES = [
+    "When {a} and {b} went to the {place}, {b} gave a {object} to",
+    "When {a} and {b} got a {object} at the {place}, {b} decided to give it to",
+    "After {a} and {b} went to the {place}, {b} gave a {object} to",
+    "While {a} and {b} were working at the {place}, {b} gave a {object} to",
+    "Then, {a} and {b} went to the {place}. {b} gave a {object} to",
+    "Then, {a} and {b} had a long argument, and afterwards {b} said to",
+    "When {a} and {b} arrived at the {place}, {b} handed a {object} to",
+    "After the lunch, {a} and {b} went to the {place}. {b} gave a {object} to",
+    "Friends {a} and {b} found a {object} at the {place}. {b} gave it to",
+    "The {place} was quiet when {a} and {b} arrived, so {b} passed a {object} to",
+    "{a} and {b} were at the {place}. Later, {b} threw a {object} to",
+    "On Monday {a} and {b} visited the {place}, and {b} showed a {object} to",
+    "As {a} and {b} left the {place}, {b} offered a {object} to",
+    "Yesterday {a} and {b} met at the {place}, where {b} sold a {object} to",
+    "At the {place}, {a} and {b} had fun. Then {b} brought a {object} to",
+    "Before {a} and {b} went to the {place}, {b} lent a {object} to",
+]
+
+
+class IOITask(Task):
+    """Indirect object identification: "When Mary and John went to the store, John gave a drink to" ->
+    " Mary". Negatives name three distinct people (no repeated subject). Metric: logit(IO) - logit(S)."""
+
+    name = "ioi"
+    help = "indirect object identification (ABBA/BABA templates); metric logit(IO) - logit(S)"
+
+    def prompts(self, tokenizer, n: int, seed: int = 0, templates=None, names=None) -> TaskPrompts:
+        rng = random.Random(seed)
+        names = [x for x in (names or NAMES) if single_token(tokenizer, " " + x) is not None]
+        templates = templates or IOI_TEMPLATES
+        pos, neg, ans, wrong = [], [], [], []
+        skipped = 0
+        for i in range(n):
+            template = templates[i % len(templates)]
+            baba = (i // len(templates)) % 2 == 1
+            io, s, c = rng.sample(names, 3)
+            place, obj = rng.choice(PLACES), rng.choice(OBJECTS)
+            p = _fill(template, first=(s if baba else io), second=(io if baba else s), repeat=s,
+                      place=place, obj=obj)
+            q = _fill(template, first=(s if baba else io), second=(io if baba else s), repeat=c,
+                      place=place, obj=obj)
+            if not _same_length(tokenizer, p, q):
+                skipped += 1
+                continue
+            pos.append(p)
+            neg.append(q)
+            ans.append(single_token(tokenizer, " " + io))
+            wrong.append(single_token(tokenizer, " " + s))
+        return TaskPrompts(pos, neg, ans, wrong, skipped=skipped)
+
+    def metric(self, logits, prompts: TaskPrompts):
+        return logit_difference(logits, prompts)
+
+
+def _fill(template, *, first, second, repeat, place, obj):
+    """Fill {a} (first name), the first {b} (second name) and the second {b} (the repeated name)."""
+    text = template.replace("{a}", first)
+    head, _, tail = text.partition("{b}")
+    text = head + second + tail.replace("{b}", repeat)
+    return text.replace("{place}", place).replace("{object}", obj)
+
+
+EVENTS = ["war", "expedition", "famine", "reign", "drought", "strike", "siege", "voyage", "crisis", "revolt",
+          "pandemic", "campaign", "construction", "occupation", "festival", "embargo"]
+
+
+class GreaterThanTask(Task):
+    """"The war lasted from the year 1732 to the year 17" -> a tens digit greater than 3.
+
+    SmolLM2-style tokenizers split years into digits, so the answer is the next
+    digit. Metric: probability on digits greater than the start year's tens digit
+    minus probability on smaller ones. Negatives start at year XX01 (every
+    continuation counts as greater, so the comparison carries no signal)."""
+
+    name = "greater-than"
+    help = "years: P(tens digit > start) - P(< start); negatives start at XX01"
+
+    def prompts(self, tokenizer, n: int, seed: int = 0, centuries=(11, 12, 13, 14, 15, 16, 17, 18, 19),
+                events=None) -> TaskPrompts:
+        rng = random.Random(seed)
+        digits = [single_token(tokenizer, str(d)) for d in range(10)]
+        if any(d is None for d in digits):
+            raise TaskError("greater-than needs a tokenizer with single-token digits")
+        pos, neg, ans, wrong, extra = [], [], [], [], []
+        for i in range(n):
+            event, century = rng.choice(events or EVENTS), rng.choice(centuries)
+            tens = rng.randint(2, 8)
+            year = century * 100 + tens * 10 + rng.randint(0, 9)
+            p = f"The {event} lasted from the year {year} to the year {century}"
+            q = f"The {event} lasted from the year {century}01 to the year {century}"
+            pos.append(p)
+            neg.append(q)
+            ans.append(digits[min(9, tens + 1)])
+            wrong.append(None)
+            extra.append({"tens": tens, "digits": digits})
+        return TaskPrompts(pos, neg, ans, wrong, extra)
+
+    def metric(self, logits, prompts: TaskPrompts):
+        digits = torch.tensor(prompts.extra[0]["digits"], device=logits.device)
+        probs = torch.softmax(logits.float(), dim=-1)[:, digits]  # (n, 10)
+        tens = torch.tensor([e["tens"] for e in prompts.extra], device=logits.device)
+        d = torch.arange(10, device=logits.device)
+        greater = (d[None] > tens[:, None]).float()
+        less = (d[None] < tens[:, None]).float()
+        return (probs * greater).sum(-1) - (probs * less).sum(-1)
+
+
+ARG_NAMES = ["path", "mode", "size", "name", "value", "key", "data", "count", "index", "items", "text", "limit",
+             "start", "end", "step", "width", "height", "color", "label", "target", "source", "level", "timeout"]
+FUNC_NAMES = ["load", "save", "parse", "render", "update", "compute", "merge", "scale", "split", "fetch"]
+
+
+class DocstringTask(Task):
+    """A function whose docstring lists ``:param`` lines; the answer is the next
+    argument's name. Negatives replace the names in the signature and docstring
+    by other random ones, so the docstring no longer follows the signature."""
+
+    name = "docstring"
+    help = "next :param name in a docstring; negatives scramble argument names"
+
+    def prompts(self, tokenizer, n: int, seed: int = 0) -> TaskPrompts:
+        rng = random.Random(seed)
+        names = [a for a in ARG_NAMES if single_token(tokenizer, " " + a) is not None]
+        pos, neg, ans, wrong = [], [], [], []
+        skipped = 0
+        for _ in range(n):
+            fn = rng.choice(FUNC_NAMES)
+            args = rng.sample(names, 6)
+            a, b, c = args[:3]
+            p = self._text(fn, (a, b, c), (a, b))
+            x, y, z, w = args[3:] + [rng.choice([v for v in names if v not in args])]
+            q = self._text(fn, (x, y, c), (z, w))
+            if not _same_length(tokenizer, p, q):
+                skipped += 1
+                continue
+            pos.append(p)
+            neg.append(q)
+            ans.append(single_token(tokenizer, " " + c))
+            wrong.append(single_token(tokenizer, " " + a))
+        return TaskPrompts(pos, neg, ans, wrong, skipped=skipped)
+
+    @staticmethod
+    def _text(fn, signature, documented):
+        lines = [f"def {fn}(self, {', '.join(signature)}):", '    """Run the operation.', ""]
+        lines += [f"    :param {arg}: the {arg}" for arg in documented]
+        return "\n".join(lines) + "\n    :param"
+
+    def metric(self, logits, prompts: TaskPrompts):
+        return logit_difference(logits, prompts)
+
+
+class FileTask(Task):
+    """Any JSONL task file: one object per line with prompt, answer, negative,
+    negative_answer and optional wrong. Metric: logit(answer) - logit(wrong) where
+    wrong is given, else log p(answer)."""
+
+    name = "file"
+    help = "a JSONL task file (prompt, answer, negative, negative_answer, wrong?)"
+
+    def __init__(self, path=None):
+        self.path = path
+
+    def prompts(self, tokenizer, n: int | None = None, seed: int = 0) -> TaskPrompts:
+        if self.path is None:
+            raise TaskError("the file task needs a path: --task PATH.jsonl")
+        try:
+            rows = [json.loads(line) for line in Path(self.path).read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as e:
+            raise TaskError(f"cannot read task file {self.path}: {e}") from None
+        pos, neg, ans, wrong = [], [], [], []
+        skipped = 0
+        for i, row in enumerate(rows):
+            missing = {"prompt", "answer", "negative"} - set(row)
+            if missing:
+                raise TaskError(f"{self.path} line {i + 1}: missing {', '.join(sorted(missing))}")
+            answer = single_token(tokenizer, row["answer"])
+            w = single_token(tokenizer, row["wrong"]) if row.get("wrong") else None
+            if answer is None or (row.get("wrong") and w is None) or not _same_length(
+                    tokenizer, row["prompt"], row["negative"]):
+                skipped += 1
+                continue
+            pos.append(row["prompt"])
+            neg.append(row["negative"])
+            ans.append(answer)
+            wrong.append(w)
+        if len(pos) < 2:
+            raise TaskError(f"{self.path}: only {len(pos)} usable prompts ({skipped} skipped: answers must be "
+                            f"one token, prompt and negative the same token length)")
+        prompts = TaskPrompts(pos, neg, ans, wrong, skipped=skipped)
+        return prompts.subset(range(min(n, len(prompts)))) if n else prompts
+
+    def metric(self, logits, prompts: TaskPrompts):
+        return logit_difference(logits, prompts)

@@ -1,0 +1,115 @@
+"""Circuit discovery pieces on tiny models: metrics, the JSONL task, the patching reference,
+the scoring methods and the circuit.json / reference.json contracts."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nnsight_sae import NnsightSaeError, resolve_site
+from nnsight_sae.circuits import get_task, precision_recall_at_k, roc_auc, run_circuit, run_reference
+
+
+def test_roc_auc_and_precision_recall():
+    truth = torch.tensor([[True, False], [False, True]])
+    assert roc_auc(torch.tensor([[0.9, 0.1], [0.2, 0.8]]), truth) == 1.0
+    assert roc_auc(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), truth) == 0.0
+    assert roc_auc(torch.ones(2, 2), truth) == 0.5  # ties count half
+    assert precision_recall_at_k(torch.tensor([[0.9, 0.5], [0.8, 0.1]]), truth, 2) == (0.5, 0.5)
+
+
+@pytest.fixture
+def task_file(tmp_path):
+    """A copy task: the answer repeats the word after the repeated one."""
+    rows = [{"prompt": f"w{i} w{i + 1} w{i + 2} w{i}", "answer": f" w{i + 1}",
+             "negative": f"w{i} w{i + 1} w{i + 2} w{i + 3}", "negative_answer": f" w{i + 4}",
+             "wrong": f" w{i + 2}"} for i in range(5, 45)]
+    rows.append({"prompt": "w5 w6", "answer": " w7 w8", "negative": "w9 w10"})  # two-token answer: skipped
+    rows.append({"prompt": "w5 w6", "answer": " w7", "negative": "w9 w10 w11"})  # lengths differ: skipped
+    path = tmp_path / "copy.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+def test_file_task_checks_prompts(tiny_models, task_file, tmp_path):
+    prompts = get_task(task_file).prompts(tiny_models("llama").tokenizer)
+    assert len(prompts) == 40 and prompts.skipped == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "w5", "answer": " w6"}))
+    with pytest.raises(NnsightSaeError, match="missing negative"):
+        get_task(str(bad)).prompts(tiny_models("llama").tokenizer)
+    with pytest.raises(NnsightSaeError, match="no such task file"):
+        get_task(str(tmp_path / "none.jsonl"))
+
+
+def test_reference_effect_equals_patching_one_head_by_hand(tiny_models, task_file):
+    from nnsight_sae_circuits.heads import last_logits, mean_ablation_effects
+
+    model = tiny_models("llama")
+    task = get_task(task_file)
+    prompts = task.prompts(model.tokenizer, 12)
+    effects = mean_ablation_effects(model, task, prompts, progress=False)
+    assert effects.shape == (3, 4)
+    # head 2 of layer 1, by hand: its slice of o_proj's input set to the negatives' mean
+    site = resolve_site(model, "head_out.1")
+    enc_neg = model.tokenizer(prompts.negative, return_tensors="pt", padding=True)
+    with model.trace(dict(enc_neg)):
+        z_neg = site.envoy.input.save()
+    mean = z_neg.mean(0)  # all prompts have the same length here: no padding
+    enc = model.tokenizer(prompts.positive, return_tensors="pt", padding=True)
+    with model.trace(dict(enc)):
+        z = site.envoy.input.clone()
+        z[:, :, 16:24] = mean[:, 16:24]
+        site.envoy.input = z
+        logits = model.output.logits[:, -1].save()
+    clean = task.metric(last_logits(model, prompts.positive), prompts).mean()
+    by_hand = clean - task.metric(logits, prompts).mean()
+    torch.testing.assert_close(effects[1, 2], by_hand, rtol=1e-4, atol=1e-5)
+
+
+def test_attribution_tracks_the_reference_on_a_tiny_model(tiny_models, task_file):
+    from nnsight_sae_circuits.heads import attribution_effects, mean_ablation_effects
+
+    model = tiny_models("gpt2")
+    task = get_task(task_file)
+    prompts = task.prompts(model.tokenizer, 16)
+    exact = mean_ablation_effects(model, task, prompts, progress=False).flatten()
+    approx = attribution_effects(model, task, prompts).flatten()
+    corr = torch.corrcoef(torch.stack([exact, approx]))[0, 1]
+    assert corr > 0.9, corr
+
+
+def test_circuit_and_reference_json_contracts(tiny_models, task_file, tmp_path):
+    model = tiny_models("llama")
+    ref = run_reference(model, task_file, tmp_path / "ref", n_prompts=20, top=4, progress=False)
+    assert set(ref) >= {"task", "model", "method", "seconds", "heads", "circuit", "threshold"}
+    assert len(ref["circuit"]) == 4 and ref["threshold"] == abs(ref["heads"][3]["effect"])
+    for method in ("code-overlap", "mean-diff", "attribution"):
+        out = tmp_path / method
+        c = run_circuit(model, task_file, out, method=method, n_prompts=20, n_train=5, reference=tmp_path / "ref",
+                        progress=False)
+        saved = json.loads((out / "circuit.json").read_text())
+        assert saved == json.loads(json.dumps(c))
+        assert set(c) >= {"task", "model", "method", "n_train_prompts", "seconds", "heads", "metrics", "reference"}
+        assert set(c["seconds"]) >= {"total", "harvest", "fit", "score"}
+        assert set(c["metrics"]) == {"roc_auc", "precision_at_k", "recall_at_k", "k"} and c["metrics"]["k"] == 4
+        scores = [h["score"] for h in c["heads"]]
+        assert scores == sorted(scores, reverse=True) and len(scores) == 12
+        assert (out / "heads.png").stat().st_size > 1000 and (out / "roc.png").stat().st_size > 1000
+
+
+def test_code_overlap_is_deterministic(tiny_models, task_file, tmp_path):
+    model = tiny_models("llama")
+    a = run_circuit(model, task_file, tmp_path / "a", n_prompts=20, n_train=5, seed=3, progress=False)
+    b = run_circuit(model, task_file, tmp_path / "b", n_prompts=20, n_train=5, seed=3, progress=False)
+    assert a["heads"] == b["heads"]
+
+
+def test_circuit_cli_bad_input(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "nnsight_sae", *a], capture_output=True, text=True)  # noqa
+    r = run("circuit", "--task", "nosuch", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "unknown task 'nosuch'" in r.stderr and not (tmp_path / "o").exists()
+    r = run("circuit", "--task", "ioi", "--method", "magic", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "unknown circuit method 'magic'" in r.stderr
