@@ -91,7 +91,8 @@ def cmd_train(args) -> int:
 
     widths = args.d_sae or sorted({args.expansion * resolve_site(model, s).d_in for s in args.site})
     hyper = {k: v for k, v in {"k": args.k, "l1_coefficient": args.l1, "tied": args.tied or None,
-                               "skip": args.skip or None}.items() if v is not None}
+                               "skip": args.skip or None, "k_warmup": args.k_warmup or None}.items()
+             if v is not None}
     run = RunSpec(types=args.type, sites=args.site, d_sae=widths, hyper=hyper, epochs=args.epochs,
                   batch_size=args.batch_size, buffer_rows=args.buffer_rows)
     config = {"lr": args.lr, "seed": args.seed, "checkpoint_every": args.checkpoint_every}
@@ -192,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expansion", type=int, default=8)
     p.add_argument("--epochs", type=int, default=1, help="passes over the harvested tokens")
     p.add_argument("--k", type=int, help="active features for topk / batchtopk (default 32)")
+    p.add_argument("--k-warmup", action="store_true",
+                   help="topk: start at 4k active features and anneal to k over the sparsity warm-up")
     p.add_argument("--l1", type=float, help="sparsity coefficient for relu, jumprelu, gated, transcoder")
     p.add_argument("--tied", action="store_true", help="relu: tied encoder/decoder")
     p.add_argument("--skip", action="store_true", help="transcoder: add a linear skip term")

@@ -154,3 +154,10 @@ def test_relu_resampling_revives_dead_features():
     with torch.no_grad():
         fired = (d.encode(sparse_data(4096, seed=5)) > 0).any(0)
     assert fired[:32].sum() >= 16
+
+
+def test_k_warmup_starts_wide_and_ends_at_k():
+    d = create_dictionary("topk", d_in=D_IN, d_sae=128, site="resid_post.0", k=6, k_warmup=True)
+    trainer = Trainer([Member(d)], TrainConfig(steps=20, sparsity_warmup=0.5))
+    l0 = [trainer.step(b)[0]["l0"] for b in batches("resid_post.0", 20)]
+    assert l0[0] > 20 and l0[-1] == 6 and all(a >= b for a, b in zip(l0, l0[1:]))

@@ -34,11 +34,11 @@ def auxk_loss(d, x, target, recon, dead):
 
 class TopKSAE(Dictionary):
     """f = ReLU(TopK_k(W_enc (x - b_dec) + b_enc)). Dead features are revived by
-    the auxiliary-k loss; ``k_warmup`` (a fraction of training) starts k at 4x and
-    anneals it down."""
+    the auxiliary-k loss; with ``k_warmup`` true, training starts at 4k active
+    features and anneals to k over the trainer's sparsity warm-up."""
 
     type_name = "topk"
-    defaults = {"k": 32, "auxk_coefficient": 1 / 32, "k_warmup": 0.0}
+    defaults = {"k": 32, "auxk_coefficient": 1 / 32, "k_warmup": False}
     dead_features = "auxk"
 
     def encode(self, x):
