@@ -66,6 +66,11 @@ def mean_ablation_effects(model, task, prompts, *, batch_size: int = 16, rows_pe
         neg = model.tokenizer.pad(dict(neg), padding="max_length", max_length=width, return_tensors="pt")
     L = n_layers(model)
     effects = torch.zeros(L, resolve_site(model, "head_out.0").n_heads)
+    layers = [resolve_site(model, f"resid_post.{layer}") for layer in range(L)]
+    resid = []  # the clean residual after each layer: patched passes skip the layers before the head's
+    with torch.no_grad(), model.trace(dict(pos)):
+        for site in layers:
+            resid.append(site.read().save())
     for layer in tqdm(range(L), desc="patch heads", disable=not progress, leave=False):
         site = resolve_site(model, f"head_out.{layer}")
         H = site.n_heads
@@ -81,6 +86,10 @@ def mean_ablation_effects(model, task, prompts, *, batch_size: int = 16, rows_pe
             ids = pos.input_ids[idx].repeat(H, 1)
             mask = pos.attention_mask[idx].repeat(H, 1)
             with model.trace({"input_ids": ids, "attention_mask": mask}):
+                if layer > 0:
+                    before = resid[layer - 1][idx].repeat(H, 1, 1)
+                    for skipped in layers[:layer]:  # only the last one's output is used downstream
+                        skipped.envoy.skip(before)
                 z = site.envoy.input
                 patched = z.clone()
                 for h in range(H):
