@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from .errors import NnsightSaeError
 
@@ -61,10 +63,6 @@ def _data_spec(args, **kw):
 
 
 def _fail_if_exists(out, resume=False):
-    from pathlib import Path
-
-    from .errors import NnsightSaeError
-
     if Path(out).exists() and any(Path(out).iterdir()) and not resume:
         raise NnsightSaeError(f"{out} exists and is not empty; choose another --out (or --resume)")
 
@@ -79,8 +77,6 @@ def cmd_train(args) -> int:
     if args.tokens <= 0 or args.epochs <= 0 or args.batch_size <= 0:
         raise NnsightSaeError("--tokens, --epochs and --batch-size must be positive")
     _fail_if_exists(args.out, args.resume)
-    import os
-
     import torch
 
     device_map = None
@@ -104,8 +100,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from pathlib import Path
-
     from . import bench
 
     out = Path(args.out)
@@ -155,8 +149,6 @@ def cmd_reference(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pathlib import Path
-
     from .analysis import write_json
     from .evaluate import evaluate
     from .files import load_dictionary

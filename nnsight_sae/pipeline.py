@@ -20,7 +20,7 @@ from .evaluate import evaluate
 from .files import save_dictionary
 from .harvest import ActivationStore
 from .models import cache_dir
-from .plugins import create_dictionary, registry
+from .plugins import registry
 from .sites import resolve_site, site_layer
 from .train import Member, TrainConfig, Trainer, input_scale, train
 
