@@ -8,7 +8,7 @@ import nnsight_sae
 from nnsight_sae import PluginError, UnknownNameError, hookimpl
 from nnsight_sae.plugins import build_plugin_manager, collect, registry
 
-FIRST_PARTY = {"archs", "saes"}
+FIRST_PARTY = {"archs", "saes", "circuits"}
 
 
 def test_first_party_plugins_load_through_entry_points():
@@ -51,7 +51,7 @@ def test_env_var_disables_third_party_autoload(monkeypatch):
     monkeypatch.setenv("NNSIGHT_SAE_DISABLE_PLUGIN_AUTOLOAD", "1")
     monkeypatch.setenv("NNSIGHT_SAE_BLOCK_PLUGINS", "saes")
     reg = collect(build_plugin_manager())
-    assert set(reg.plugins) == {"archs"}
+    assert set(reg.plugins) == FIRST_PARTY - {"saes"}  # first-party only, minus the blocked one
 
 
 def test_info_prints_json_with_owners():
