@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .dictionary import Dictionary
 from .errors import DictionaryError
-from .sites import _envoy, _join, architecture_of, resolve_site, site_layer
+from .sites import architecture_of, envoy_at, join_path, resolve_site, site_layer
 from .traced import Attached
 
 
@@ -38,7 +38,7 @@ def attach(model, dictionary: Dictionary) -> Attached:
         if (layer is not None and dictionary.site.startswith("mlp_in.") and out_name == f"mlp_out.{layer}"):
             arch = architecture_of(model)
             if arch.mlp is not None:
-                mlp = _envoy(model, _join(arch.layers, str(layer), arch.mlp))
+                mlp = envoy_at(model, join_path(arch.layers, str(layer), arch.mlp))
     dtype = next(model._module.parameters()).dtype
     dictionary.to(device=_device(model, site), dtype=dtype)
     return Attached(dictionary, site, out_site, mlp)

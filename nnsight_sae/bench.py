@@ -47,7 +47,7 @@ def _tokens(model, batch: int, ctx: int) -> torch.Tensor:
 def bench_harvest(model, out: Path, *, layers=(3, 15), batch=8, ctx=128, rounds=10) -> list[dict]:
     """Tokens/s of our activation stream vs a plain forward hook that raises to stop."""
     from .harvest import harvest
-    from .sites import _submodule, architecture_of, torch_module
+    from .sites import architecture_of, submodule, torch_module
 
     ids = _tokens(model, batch, ctx)
     mask = torch.ones_like(ids)
@@ -55,7 +55,7 @@ def bench_harvest(model, out: Path, *, layers=(3, 15), batch=8, ctx=128, rounds=
     results = []
     for layer in layers:
         site = f"resid_post.{layer}"
-        module = _submodule(torch_module(model), f"{arch.layers}.{layer}")
+        module = submodule(torch_module(model), f"{arch.layers}.{layer}")
         got = {}
 
         def hook(_module, _inputs, output):

@@ -53,7 +53,7 @@ def _state(d: Dictionary) -> dict[str, torch.Tensor]:
 
 def dictionary_config(d: Dictionary, model_name: str | None = None) -> dict:
     """The cfg.json contents for a dictionary."""
-    ours = {k: v for k, v in d.cfg.items()}
+    ours = dict(d.cfg)
     cfg = {
         "d_in": d.d_in,
         "d_sae": d.d_sae,

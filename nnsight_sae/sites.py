@@ -70,29 +70,31 @@ def architecture_of(model) -> ArchitectureMap:
         f"with a plugin implementing the nnsight_sae_architectures hook")
 
 
-def _submodule(root, path: str):
+def submodule(root, path: str):
+    """The torch submodule at a dotted path (SiteError if there is none)."""
     try:
         return root.get_submodule(path) if path else root
     except AttributeError as e:
         raise SiteError(f"no module {path!r} in {type(root).__name__}") from e
 
 
-def _envoy(model, path: str):
+def envoy_at(model, path: str):
     """The envoy of a module path. Not ``model.get``: that reads a module named
     ``output`` or ``input`` (BERT has both) as the envoy's value properties."""
-    full = _join(model.path, path)
+    full = join_path(model.path, path)
     for name, envoy in model.modules(names=True):
         if name == full:
             return envoy
     raise SiteError(f"no module {path!r} in the model")
 
 
-def _join(*parts: str) -> str:
+def join_path(*parts: str) -> str:
+    """Join dotted path parts, skipping empty ones."""
     return ".".join(p for p in parts if p)
 
 
 def n_layers(model) -> int:
-    return len(_submodule(torch_module(model), architecture_of(model).layers))
+    return len(submodule(torch_module(model), architecture_of(model).layers))
 
 
 def _width(module, io: str):
@@ -110,8 +112,8 @@ def resolve_site(model, site: str) -> Site:
         io = io or "output"
         if io not in ("input", "output") or not path:
             raise SiteError(f"raw site {site!r}: expected 'module:PATH' or 'module:PATH:input'")
-        module = _submodule(root, path)
-        return Site(site, _envoy(model, path), io, d_in=_width(module, io))
+        module = submodule(root, path)
+        return Site(site, envoy_at(model, path), io, d_in=_width(module, io))
 
     m = _SITE_RE.match(site)
     if not m or m["kind"] not in SITE_KINDS:
@@ -119,20 +121,20 @@ def resolve_site(model, site: str) -> Site:
                         f"{', '.join(SITE_KINDS)} (e.g. 'resid_post.6'), or 'module:PATH[:input]'")
     kind, layer = m["kind"], int(m["layer"])
     arch = architecture_of(model)
-    count = len(_submodule(root, arch.layers))
+    count = len(submodule(root, arch.layers))
     if not 0 <= layer < count:
         raise SiteError(f"site {site!r}: layer {layer} out of range; this model has layers 0..{count - 1}")
-    layer_path = _join(arch.layers, str(layer))
+    layer_path = join_path(arch.layers, str(layer))
     config = root.config
     d_model = config.hidden_size
     if kind == "head_out":
-        path = _join(layer_path, arch.o_proj)
-        return Site(site, _envoy(model, path), "input", layer=layer, d_in=d_model,
+        path = join_path(layer_path, arch.o_proj)
+        return Site(site, envoy_at(model, path), "input", layer=layer, d_in=d_model,
                     n_heads=config.num_attention_heads, weight_layout=arch.o_proj_layout)
     rel_path, io = getattr(arch, kind).rsplit(":", 1)
-    path = _join(layer_path, rel_path)
-    _submodule(root, path)
-    return Site(site, _envoy(model, path), io, layer=layer, d_in=d_model)
+    path = join_path(layer_path, rel_path)
+    submodule(root, path)
+    return Site(site, envoy_at(model, path), io, layer=layer, d_in=d_model)
 
 
 def site_layer(site: str) -> int | None:
