@@ -142,14 +142,13 @@ def train_and_evaluate(model, data: DataSpec, run: RunSpec, config: dict, out: s
     out = Path(out)
     t0 = time.perf_counter()
     rank, world = init_distributed()
+    seed = config.get("seed", 0)
     dictionaries = build_dictionaries(model, run)
-    torch.manual_seed(config.get("seed", 0))
-    for i, d in enumerate(dictionaries):
-        d.reset_parameters(seed=config.get("seed", 0) * 1000 + i)
+    for i, d in enumerate(dictionaries):  # each dictionary's start depends only on the seed and its index
+        d.reset_parameters(seed=seed * 1000 + i)
     sites = sorted({s for d in dictionaries for s in (d.site, d.cfg.get("out_site")) if s})
     store = activation_store(model, sites, data, harvest_batch=run.harvest_batch, progress=progress)
     t_harvest = time.perf_counter() - t0
-    seed = config.get("seed", 0)
     steps = sum(store.batches_per_epoch(run.batch_size, buffer_rows=run.buffer_rows, seed=seed, epoch=e)
                 for e in range(run.epochs))
     steps = int(_reduce(steps, torch.distributed.ReduceOp.MIN))  # every process takes the same steps
