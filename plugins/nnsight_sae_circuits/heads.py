@@ -43,6 +43,18 @@ def last_logits(model, texts: list[str], batch_size: int = 16) -> torch.Tensor:
     return torch.cat(chunks)
 
 
+def _encode_pair(model, prompts):
+    """Positive and negative prompts tokenised to one common (left-padded) width,
+    so positions counted from the end line up between them."""
+    pos, neg = _encode(model, prompts.positive), _encode(model, prompts.negative)
+    width = max(pos.input_ids.shape[1], neg.input_ids.shape[1])
+
+    def pad(enc):
+        return model.tokenizer.pad(dict(enc), padding="max_length", max_length=width, return_tensors="pt")
+
+    return pad(pos), pad(neg)
+
+
 def _right_aligned_mean(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over prompts of z (n, p, w) at each position counted from the end, real tokens only."""
     m = mask[..., None].float()
@@ -59,11 +71,7 @@ def mean_ablation_effects(model, task, prompts, *, batch_size: int = 16, rows_pe
     from tqdm.auto import tqdm
 
     clean = task.metric(last_logits(model, prompts.positive, batch_size), prompts).mean()
-    pos, neg = _encode(model, prompts.positive), _encode(model, prompts.negative)
-    if pos.input_ids.shape[1] != neg.input_ids.shape[1]:
-        width = max(pos.input_ids.shape[1], neg.input_ids.shape[1])
-        pos = model.tokenizer.pad(dict(pos), padding="max_length", max_length=width, return_tensors="pt")
-        neg = model.tokenizer.pad(dict(neg), padding="max_length", max_length=width, return_tensors="pt")
+    pos, neg = _encode_pair(model, prompts)
     L = n_layers(model)
     effects = torch.zeros(L, resolve_site(model, "head_out.0").n_heads)
     layers = [resolve_site(model, f"resid_post.{layer}") for layer in range(L)]
@@ -114,10 +122,8 @@ def attribution_effects(model, task, prompts, *, batch_size: int = 16) -> torch.
     L = n_layers(model)
     sites = [resolve_site(model, f"head_out.{layer}") for layer in range(L)]
     H = sites[0].n_heads
-    pos, neg = _encode(model, prompts.positive), _encode(model, prompts.negative)
-    width = max(pos.input_ids.shape[1], neg.input_ids.shape[1])
-    pos = model.tokenizer.pad(dict(pos), padding="max_length", max_length=width, return_tensors="pt")
-    neg = model.tokenizer.pad(dict(neg), padding="max_length", max_length=width, return_tensors="pt")
+    pos, neg = _encode_pair(model, prompts)
+    width = pos.input_ids.shape[1]
     means = []
     with torch.no_grad(), model.trace(dict(neg)):
         for site in sites:

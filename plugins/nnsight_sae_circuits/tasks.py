@@ -26,12 +26,23 @@ class TaskError(NnsightSaeError):
 class TaskPrompts:
     """Prompts of one task, index-aligned: positive[i] is answered by answers[i]."""
 
-    positive: list[str]
-    negative: list[str]
-    answers: list[int]
-    wrong: list[int | None]
+    positive: list[str] = field(default_factory=list)
+    negative: list[str] = field(default_factory=list)
+    answers: list[int] = field(default_factory=list)
+    wrong: list[int | None] = field(default_factory=list)
     extra: list[dict] = field(default_factory=list)  # per-prompt data a metric needs
     skipped: int = 0
+
+    def add(self, tokenizer, positive: str, negative: str, answer: int | None, wrong: int | None = None) -> None:
+        """Keep a pair if its answer is one token and both prompts have the same token
+        length (patching needs aligned positions); otherwise count it as skipped."""
+        if answer is None or not _same_length(tokenizer, positive, negative):
+            self.skipped += 1
+            return
+        self.positive.append(positive)
+        self.negative.append(negative)
+        self.answers.append(answer)
+        self.wrong.append(wrong)
 
     def __len__(self):
         return len(self.positive)
@@ -99,8 +110,7 @@ class IOITask(Task):
         rng = random.Random(seed)
         names = [x for x in (names or NAMES) if single_token(tokenizer, " " + x) is not None]
         templates = templates or IOI_TEMPLATES
-        pos, neg, ans, wrong = [], [], [], []
-        skipped = 0
+        out = TaskPrompts()
         for i in range(n):
             template = templates[i % len(templates)]
             baba = (i // len(templates)) % 2 == 1
@@ -110,14 +120,8 @@ class IOITask(Task):
                       place=place, obj=obj)
             q = _fill(template, first=(s if baba else io), second=(io if baba else s), repeat=c,
                       place=place, obj=obj)
-            if not _same_length(tokenizer, p, q):
-                skipped += 1
-                continue
-            pos.append(p)
-            neg.append(q)
-            ans.append(single_token(tokenizer, " " + io))
-            wrong.append(single_token(tokenizer, " " + s))
-        return TaskPrompts(pos, neg, ans, wrong, skipped=skipped)
+            out.add(tokenizer, p, q, single_token(tokenizer, " " + io), single_token(tokenizer, " " + s))
+        return out
 
     def metric(self, logits, prompts: TaskPrompts):
         return logit_difference(logits, prompts)
@@ -192,8 +196,7 @@ class DocstringTask(Task):
     def prompts(self, tokenizer, n: int, seed: int = 0) -> TaskPrompts:
         rng = random.Random(seed)
         names = [a for a in ARG_NAMES if single_token(tokenizer, " " + a) is not None]
-        pos, neg, ans, wrong = [], [], [], []
-        skipped = 0
+        out = TaskPrompts()
         for _ in range(n):
             fn = rng.choice(FUNC_NAMES)
             args = rng.sample(names, 6)
@@ -201,14 +204,8 @@ class DocstringTask(Task):
             p = self._text(fn, (a, b, c), (a, b))
             x, y, z, w = args[3:] + [rng.choice([v for v in names if v not in args])]
             q = self._text(fn, (x, y, c), (z, w))
-            if not _same_length(tokenizer, p, q):
-                skipped += 1
-                continue
-            pos.append(p)
-            neg.append(q)
-            ans.append(single_token(tokenizer, " " + c))
-            wrong.append(single_token(tokenizer, " " + a))
-        return TaskPrompts(pos, neg, ans, wrong, skipped=skipped)
+            out.add(tokenizer, p, q, single_token(tokenizer, " " + c), single_token(tokenizer, " " + a))
+        return out
 
     @staticmethod
     def _text(fn, signature, documented):
@@ -238,26 +235,19 @@ class FileTask(Task):
             rows = [json.loads(line) for line in Path(self.path).read_text().splitlines() if line.strip()]
         except (OSError, ValueError) as e:
             raise TaskError(f"cannot read task file {self.path}: {e}") from None
-        pos, neg, ans, wrong = [], [], [], []
-        skipped = 0
+        prompts = TaskPrompts()
         for i, row in enumerate(rows):
             missing = {"prompt", "answer", "negative"} - set(row)
             if missing:
                 raise TaskError(f"{self.path} line {i + 1}: missing {', '.join(sorted(missing))}")
             answer = single_token(tokenizer, row["answer"])
-            w = single_token(tokenizer, row["wrong"]) if row.get("wrong") else None
-            if answer is None or (row.get("wrong") and w is None) or not _same_length(
-                    tokenizer, row["prompt"], row["negative"]):
-                skipped += 1
-                continue
-            pos.append(row["prompt"])
-            neg.append(row["negative"])
-            ans.append(answer)
-            wrong.append(w)
-        if len(pos) < 2:
-            raise TaskError(f"{self.path}: only {len(pos)} usable prompts ({skipped} skipped: answers must be "
-                            f"one token, prompt and negative the same token length)")
-        prompts = TaskPrompts(pos, neg, ans, wrong, skipped=skipped)
+            wrong = single_token(tokenizer, row["wrong"]) if row.get("wrong") else None
+            if row.get("wrong") and wrong is None:
+                answer = None  # a multi-token "wrong" makes the pair unusable too
+            prompts.add(tokenizer, row["prompt"], row["negative"], answer, wrong)
+        if len(prompts) < 2:
+            raise TaskError(f"{self.path}: only {len(prompts)} usable prompts ({prompts.skipped} skipped: answers "
+                            f"must be one token, prompt and negative the same token length)")
         return prompts.subset(range(min(n, len(prompts)))) if n else prompts
 
     def metric(self, logits, prompts: TaskPrompts):
