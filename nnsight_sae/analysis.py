@@ -29,8 +29,9 @@ class Analysis:
 
 class Task:
     """A task for circuit discovery: positive and negative prompts, answers and
-    a metric. Subclasses set ``name`` and ``help``; the prompt and metric
-    interface is defined with the circuit analyses."""
+    a metric. Subclasses set ``name`` and ``help`` and implement
+    ``prompts(tokenizer, n, seed=0, split="train")`` (split "train" or "heldout")
+    and ``metric(last_logits, prompts)``; see ``nnsight_sae.circuits``."""
 
     name = ""
     help = ""

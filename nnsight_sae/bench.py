@@ -160,3 +160,33 @@ def bench_train(out: Path, *, d_in=576, d_sae=4608, k=32, batch=256, steps=30, r
                               baseline="a plain TopK loop: encode, top-k, decode, MSE, Adam, renormalise")}
     write_json(out / "train.json", result)
     return [result]
+
+
+def bench_circuit(model, out: Path, *, task="ioi", method=None, n_prompts=40, rounds=2) -> list[dict]:
+    """Seconds of a circuit method vs the exhaustive per-head patching reference it
+    approximates, on the same prompts: circuit, reference, circuit, ... (``rounds``
+    circuit runs around one reference run, which takes minutes)."""
+    import tempfile
+
+    from .circuits import DEFAULT_METHOD, run_circuit, run_reference
+
+    method = method or DEFAULT_METHOD
+    circuit_seconds = []
+    with tempfile.TemporaryDirectory() as scratch:
+        def ours():
+            result = run_circuit(model, task, Path(scratch) / "circuit", method=method, n_prompts=n_prompts,
+                                 progress=False)
+            circuit_seconds.append(result["seconds"]["total"])  # discovery only, not the faithfulness check
+
+        ours()
+        reference = run_reference(model, task, Path(scratch) / "reference", n_prompts=n_prompts, progress=False)
+        for _ in range(rounds - 1):
+            ours()
+    to = sum(circuit_seconds) / len(circuit_seconds)
+    tb = reference["seconds"]
+    result = {"what": f"circuit {task} --method {method}", "ratio": round(tb / to, 2), "ours": round(to, 4),
+              "baseline": round(tb, 4), "unit": "seconds (ratio: reference / ours, the speed-up)",
+              "setup": _setup(n_prompts=n_prompts, circuit_runs=len(circuit_seconds),
+                              baseline="exhaustive single-head mean ablation (nnsight-sae reference)")}
+    write_json(out / f"circuit-{Path(task).name.removesuffix('.jsonl')}.json", result)
+    return [result]

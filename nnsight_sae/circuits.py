@@ -2,7 +2,10 @@
 patching reference, write circuit.json / reference.json and the plots.
 
 Methods and tasks come from plugins. A circuit method is an Analysis with
-``circuit_method = True`` and ``score_heads(model, task, prompts, train_index, seed) -> (L, H)``.
+``circuit_method = True`` and ``score_heads(model, task, prompts, *, train_index, seed,
+reduce, seconds) -> (L, H)`` (``signed = True`` where the scores are signed effect
+estimates). A task has ``prompts(tokenizer, n, seed=0, split="train") -> TaskPrompts``
+and ``metric(last_logits, prompts) -> (n,)``.
 """
 
 from __future__ import annotations
@@ -30,72 +33,159 @@ def circuit_methods() -> dict:
     return {n: e.obj for n, e in registry().analyses.items() if getattr(e.obj, "circuit_method", False)}
 
 
+DEFAULT_METHOD = "attribution"
+
+
 def _model_id(model) -> str:
     return str(getattr(model._module.config, "name_or_path", "") or type(model._module).__name__)
 
 
-def run_reference(model, task_name: str, out: str | Path, *, n_prompts: int = 40, top: int = 20, seed: int = 0,
-                  progress: bool = True) -> dict:
-    """Exhaustive single-head mean ablation; writes reference.json."""
-    method = registry().get("analyses", "reference")
+def _task_prompts(model, task_name: str, n_prompts: int, seed: int, split: str):
     task = get_task(task_name)
-    prompts = task.prompts(model.tokenizer, n_prompts, seed=seed)
+    return task, task.prompts(model.tokenizer, n_prompts, seed=seed, split=split)
+
+
+def _ranked(scores: torch.Tensor, key: str, order) -> list[dict]:
+    L, H = scores.shape
+    return sorted(({"layer": l, "head": h, key: float(scores[l, h])} for l in range(L) for h in range(H)),
+                  key=lambda e: order(e[key]))
+
+
+def run_reference(model, task_name: str, out: str | Path, *, n_prompts: int = 40, top: int = 20, seed: int = 0,
+                  split: str = "train", progress: bool = True) -> dict:
+    """Exhaustive single-head mean ablation; writes reference.json. The circuit is the
+    ``top`` heads by |effect|."""
+    method = registry().get("analyses", "reference")
+    task, prompts = _task_prompts(model, task_name, n_prompts, seed, split)
     t = time.perf_counter()
-    effects = method.score_heads(model, task, prompts, None, seed, progress=progress)
+    effects = method.score_heads(model, task, prompts, progress=progress)
     seconds = time.perf_counter() - t
-    L, H = effects.shape
-    heads = sorted(({"layer": l, "head": h, "effect": float(effects[l, h])} for l in range(L) for h in range(H)),
-                   key=lambda e: -abs(e["effect"]))
+    heads = _ranked(effects, "effect", lambda e: -abs(e))
     circuit = heads[:top]
     result = {"task": task_name, "model": _model_id(model), "method": "mean-ablation", "seconds": round(seconds, 2),
-              "n_prompts": len(prompts), "heads": heads, "circuit": [[c["layer"], c["head"]] for c in circuit],
-              "threshold": abs(circuit[-1]["effect"])}
+              "n_prompts": len(prompts), "split": split, "seed": seed, "heads": heads,
+              "circuit": [[c["layer"], c["head"]] for c in circuit], "threshold": abs(circuit[-1]["effect"])}
     write_json(Path(out) / "reference.json", result)
     return result
 
 
-def run_circuit(model, task_name: str, out: str | Path, *, method: str = "code-overlap", n_prompts: int = 40,
-                n_train: int = 10, seed: int = 0, reference: str | Path | None = None, progress: bool = True) -> dict:
-    """Score every head with a circuit method; writes circuit.json and a heat map
-    (and a ROC curve when a reference folder is given)."""
+def read_reference(folder: str | Path) -> dict:
+    """reference.json from a folder, or a typed error saying what is wrong."""
     import json
 
+    try:
+        ref = json.loads((Path(folder) / "reference.json").read_text())
+        ref["circuit"], ref["heads"]  # noqa: B018 - the fields every comparison needs
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise NnsightSaeError(f"cannot read {folder}/reference.json: {e}") from None
+    return ref
+
+
+def reference_sets(ref: dict, shape, sizes=(10, 30)) -> dict[int, torch.Tensor]:
+    """Boolean (L, H) masks: the reference circuit, and the top N heads by |effect| for each N in sizes."""
+    def mask(pairs):
+        m = torch.zeros(shape, dtype=torch.bool)
+        for layer, head in pairs:
+            m[layer, head] = True
+        return m
+
+    sets = {len(ref["circuit"]): mask(ref["circuit"])}
+    for n in sizes:
+        sets.setdefault(n, mask([(h["layer"], h["head"]) for h in ref["heads"][:n]]))
+    return sets
+
+
+def run_circuit(model, task_name: str, out: str | Path, *, method: str = DEFAULT_METHOD, n_prompts: int = 40,
+                n_train: int = 10, seed: int = 0, split: str = "train", reduce: str = "mean",
+                reference: str | Path | None = None, faithfulness_k: int | None = None, n_random: int = 5,
+                progress: bool = True) -> dict:
+    """Score every head with a circuit method; writes circuit.json and a heat map
+    (and a ROC curve when a reference folder is given).
+
+    The method sees ``n_prompts`` prompts of ``split`` (and may fit on the first
+    ``n_train``). Metrics compare its scores with the reference's circuit (ROC AUC,
+    precision and recall at k = its size; AUC against its top 10 and top 30 too).
+    Faithfulness: the task metric with only the top k heads left (every other head
+    mean-ablated), as a fraction of clean minus all-ablated, against random k-head sets."""
     methods = circuit_methods()
     if method not in methods:
         raise NnsightSaeError(f"unknown circuit method {method!r}; methods: {', '.join(sorted(methods))}")
-    task = get_task(task_name)
+    if reduce not in ("mean", "last"):
+        raise NnsightSaeError(f"--reduce must be mean or last, not {reduce!r}")
+    if faithfulness_k is not None and faithfulness_k <= 0:
+        raise NnsightSaeError(f"--k must be positive, not {faithfulness_k}")
+    ref = read_reference(reference) if reference else None
     t0 = time.perf_counter()
-    prompts = task.prompts(model.tokenizer, n_prompts, seed=seed)
+    task, prompts = _task_prompts(model, task_name, n_prompts, seed, split)
     if len(prompts) < n_train:
         raise NnsightSaeError(f"only {len(prompts)} usable prompts ({prompts.skipped} skipped); need {n_train}")
-    train_index = list(range(n_train))
     seconds = {}
-    scores = methods[method].score_heads(model, task, prompts, train_index, seed, seconds=seconds)
+    scores = methods[method].score_heads(model, task, prompts, train_index=list(range(n_train)), seed=seed,
+                                         reduce=reduce, seconds=seconds)
     seconds["total"] = round(time.perf_counter() - t0, 2)
     for key in ("harvest", "fit", "score"):
         seconds.setdefault(key, 0.0)
-    L, H = scores.shape
-    heads = sorted(({"layer": l, "head": h, "score": float(scores[l, h])} for l in range(L) for h in range(H)),
-                   key=lambda e: -e["score"])
+    effects = scores if methods[method].signed else None
+    scores = scores.abs() if effects is not None else scores
+    heads = _ranked(scores, "score", lambda v: -v)
+    if effects is not None:
+        for h in heads:
+            h["effect"] = float(effects[h["layer"], h["head"]])
     result = {"task": task_name, "model": _model_id(model), "method": method, "n_train_prompts": n_train,
-              "seconds": seconds, "heads": heads, "reference": str(reference) if reference else None}
-    if reference:
-        try:
-            ref = json.loads((Path(reference) / "reference.json").read_text())
-        except (OSError, ValueError) as e:
-            raise NnsightSaeError(f"cannot read {reference}/reference.json: {e}") from None
-        truth = torch.zeros(L, H, dtype=torch.bool)
-        for layer, head in ref["circuit"]:
-            truth[layer, head] = True
+              "n_prompts": len(prompts), "split": split, "seed": seed, "reduce": reduce, "seconds": seconds,
+              "heads": heads, "reference": str(reference) if reference else None}
+    truth = None
+    if ref is not None:
+        sets = reference_sets(ref, scores.shape)
+        truth = sets[len(ref["circuit"])]
         k = int(truth.sum())
         precision, recall = precision_recall_at_k(scores, truth, k)
         result["metrics"] = {"roc_auc": roc_auc(scores, truth), "precision_at_k": precision,
-                             "recall_at_k": recall, "k": k}
+                             "recall_at_k": recall, "k": k,
+                             "roc_auc_top": {str(n): roc_auc(scores, m) for n, m in sorted(sets.items())}}
         plot_roc(scores, truth, Path(out) / "roc.png", title=f"{task_name}: {method}")
-    plot_heatmap(scores, Path(out) / "heads.png", truth=truth if reference else None,
-                 title=f"{task_name}: {method} scores (reference heads outlined)" if reference
+    k = faithfulness_k or (int(truth.sum()) if truth is not None else 20)
+    result["faithfulness"] = faithfulness(model, task, prompts, scores, k, effects=effects, n_random=n_random,
+                                          seed=seed)
+    plot_heatmap(scores, Path(out) / "heads.png", truth=truth,
+                 title=f"{task_name}: {method} scores (reference heads outlined)" if ref
                  else f"{task_name}: {method} scores")
     write_json(Path(out) / "circuit.json", result)
+    return result
+
+
+def faithfulness(model, task, prompts, scores: torch.Tensor, k: int, *, effects: torch.Tensor | None = None,
+                 n_random: int = 5, seed: int = 0) -> dict:
+    """The task metric on the positive prompts with only the k top-scoring heads left
+    (all others replaced by their negative means), and with random k-head sets;
+    each also as the fraction (m - m_ablated) / (m_clean - m_ablated). With signed
+    effect estimates, also the k heads of largest positive effect ("top_k_positive"):
+    the heads that do the task, without those that work against it."""
+    ablation = registry().get("analyses", "reference")  # the plugin that owns head ablation
+    t = time.perf_counter()
+    L, H = scores.shape
+    k = min(k, L * H)
+    means = ablation.negative_means(model, prompts)
+    run = lambda keep: float(ablation.keep_only_metric(model, task, prompts, keep, means).mean())  # noqa: E731
+    clean = run(torch.ones(L, H, dtype=torch.bool))
+    ablated = run(torch.zeros(L, H, dtype=torch.bool))
+    fraction = lambda m: (m - ablated) / (clean - ablated) if clean != ablated else float("nan")  # noqa: E731
+
+    def keep(index):
+        mask = torch.zeros(L * H, dtype=torch.bool)
+        mask[index] = True
+        return mask.view(L, H)
+
+    top = run(keep(scores.flatten().topk(k).indices))
+    generator = torch.Generator().manual_seed(seed)
+    random = [run(keep(torch.randperm(L * H, generator=generator)[:k])) for _ in range(n_random)]
+    result = {"k": k, "metric_clean": clean, "metric_all_ablated": ablated, "metric_top_k": top,
+              "metric_random_k": random, "top_k": fraction(top), "random_k": [fraction(m) for m in random],
+              "random_k_mean": sum(fraction(m) for m in random) / max(1, n_random)}
+    if effects is not None:
+        result["metric_top_k_positive"] = run(keep(effects.flatten().topk(k).indices))
+        result["top_k_positive"] = fraction(result["metric_top_k_positive"])
+    result["seconds"] = round(time.perf_counter() - t, 2)
     return result
 
 

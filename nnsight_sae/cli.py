@@ -108,29 +108,46 @@ def cmd_bench(args) -> int:
     else:
         from .models import load_model
 
+        if args.what == "circuit":
+            from .circuits import get_task
+
+            get_task(args.task)
         model = load_model(args.model)
-        results = (bench.bench_harvest if args.what == "harvest" else bench.bench_splice)(model, out)
+        if args.what == "circuit":
+            results = bench.bench_circuit(model, out, task=args.task, method=args.method)
+        else:
+            results = (bench.bench_harvest if args.what == "harvest" else bench.bench_splice)(model, out)
     for r in results:
         print(f"{r['what']}: ratio {r['ratio']} (ours {r['ours']}, baseline {r['baseline']} {r['unit']})")
     return 0
 
 
 def cmd_circuit(args) -> int:
-    from .circuits import circuit_methods, get_task, run_circuit
+    from .circuits import circuit_methods, get_task, read_reference, run_circuit
     from .models import load_model
 
     get_task(args.task)  # bad input fails before the model loads
     if args.method not in circuit_methods():
         raise NnsightSaeError(f"unknown circuit method {args.method!r}; methods: {', '.join(sorted(circuit_methods()))}")
+    if args.reference:
+        read_reference(args.reference)
     model = load_model(args.model)
     result = run_circuit(model, args.task, args.out, method=args.method, n_prompts=args.n_prompts,
-                         n_train=args.n_train, seed=args.seed, reference=args.reference)
+                         n_train=args.n_train, seed=args.seed, split=args.prompts, reduce=args.reduce,
+                         reference=args.reference, faithfulness_k=args.k)
     top = ", ".join(f"L{h['layer']}H{h['head']}" for h in result["heads"][:10])
-    print(f"{args.task} / {args.method}: top heads {top}")
+    print(f"{args.task} / {args.method} on {result['n_prompts']} {args.prompts} prompts: top heads {top}")
     if "metrics" in result:
         m = result["metrics"]
-        print(f"ROC AUC {m['roc_auc']:.3f}, precision@{m['k']} {m['precision_at_k']:.2f}, "
-              f"recall@{m['k']} {m['recall_at_k']:.2f}")
+        print(f"ROC AUC {m['roc_auc']:.3f} against the reference's {m['k']} heads ("
+              + ", ".join(f"top {n}: {v:.3f}" for n, v in m["roc_auc_top"].items())
+              + f"); precision = recall @{m['k']} {m['precision_at_k']:.2f}")
+    f = result["faithfulness"]
+    print(f"top {f['k']} heads alone keep {f['top_k']:.0%} of the task metric "
+          f"({f['metric_top_k']:.3f} vs clean {f['metric_clean']:.3f}, all ablated {f['metric_all_ablated']:.3f}); "
+          f"random {f['k']}-head sets keep {f['random_k_mean']:.0%}"
+          + (f"; the {f['k']} heads of largest positive effect keep {f['top_k_positive']:.0%}"
+             if "top_k_positive" in f else ""))
     print(f"{result['seconds']['total']:.1f}s; wrote {args.out}/circuit.json and {args.out}/heads.png"
           + (f", {args.out}/roc.png" if "metrics" in result else ""))
     return 0
@@ -141,8 +158,11 @@ def cmd_reference(args) -> int:
     from .models import load_model
 
     get_task(args.task)
+    if args.top <= 0:
+        raise NnsightSaeError(f"--top must be positive, not {args.top}")
     model = load_model(args.model)
-    result = run_reference(model, args.task, args.out, n_prompts=args.n_prompts, top=args.top, seed=args.seed)
+    result = run_reference(model, args.task, args.out, n_prompts=args.n_prompts, top=args.top, seed=args.seed,
+                           split=args.prompts)
     print(f"{args.task}: reference circuit ({len(result['circuit'])} heads, |effect| >= {result['threshold']:.3f}) "
           f"in {result['seconds']:.0f}s; wrote {args.out}/reference.json")
     return 0
@@ -169,7 +189,15 @@ def _add_model(p):
                    help="Hugging Face id, local folder or .gguf file (default: the embedded SmolLM2-135M)")
 
 
+def _add_prompts(p):
+    p.add_argument("--prompts", choices=["train", "heldout"], default="train",
+                   help="the task's prompt set: heldout shares no names, templates, events or centuries with train")
+    p.add_argument("--seed", type=int, default=0, help="seeds the prompts and any fitting")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .circuits import DEFAULT_METHOD
+
     parser = argparse.ArgumentParser(
         prog="nnsight-sae", description="Sparse dictionaries as nnsight interventions.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -210,11 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("circuit", help="score every attention head for a task; circuit.json + plots")
     p.add_argument("--task", required=True, help="ioi, greater-than, docstring, or a PATH.jsonl task file")
     p.add_argument("--out", required=True)
-    p.add_argument("--method", default="code-overlap", help="a circuit method (see `info`)")
+    p.add_argument("--method", default=DEFAULT_METHOD,
+                   help=f"a circuit method (see `info`): {DEFAULT_METHOD} (default), code-overlap, code-overlap-edges, "
+                        "mean-diff, or one a plugin registers")
     p.add_argument("--reference", help="folder holding reference.json, for ROC AUC / precision / recall")
     p.add_argument("--n-prompts", type=int, default=40)
     p.add_argument("--n-train", type=int, default=10, help="prompts the method may fit on")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reduce", choices=["mean", "last"], default="mean",
+                   help="code-overlap / mean-diff: head outputs averaged over positions or at the last one")
+    p.add_argument("--k", type=int, help="heads kept for the faithfulness check (default: the reference's size, or 20)")
+    _add_prompts(p)
     _add_model(p)
     p.set_defaults(func=cmd_circuit)
 
@@ -223,13 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--top", type=int, default=20, help="heads in the reference circuit")
     p.add_argument("--n-prompts", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
+    _add_prompts(p)
     _add_model(p)
     p.set_defaults(func=cmd_reference)
 
     p = sub.add_parser("bench", help="benchmarks: a ratio of ours to a baseline measured in the same run")
-    p.add_argument("what", choices=["harvest", "train", "splice"])
+    p.add_argument("what", choices=["harvest", "train", "splice", "circuit"])
     p.add_argument("--out", required=True, help="folder for the JSON results")
+    p.add_argument("--task", default="ioi", help="circuit: the task")
+    p.add_argument("--method", help=f"circuit: the method timed against the reference (default {DEFAULT_METHOD})")
     _add_model(p)
     p.set_defaults(func=cmd_bench)
 

@@ -86,25 +86,34 @@ def test_circuit_and_reference_json_contracts(tiny_models, task_file, tmp_path):
     ref = run_reference(model, task_file, tmp_path / "ref", n_prompts=20, top=4, progress=False)
     assert set(ref) >= {"task", "model", "method", "seconds", "heads", "circuit", "threshold"}
     assert len(ref["circuit"]) == 4 and ref["threshold"] == abs(ref["heads"][3]["effect"])
-    for method in ("code-overlap", "mean-diff", "attribution"):
+    for method in ("code-overlap", "code-overlap-edges", "mean-diff", "attribution"):
         out = tmp_path / method
         c = run_circuit(model, task_file, out, method=method, n_prompts=20, n_train=5, reference=tmp_path / "ref",
-                        progress=False)
+                        n_random=2, progress=False)
         saved = json.loads((out / "circuit.json").read_text())
         assert saved == json.loads(json.dumps(c))
         assert set(c) >= {"task", "model", "method", "n_train_prompts", "seconds", "heads", "metrics", "reference"}
         assert set(c["seconds"]) >= {"total", "harvest", "fit", "score"}
-        assert set(c["metrics"]) == {"roc_auc", "precision_at_k", "recall_at_k", "k"} and c["metrics"]["k"] == 4
+        assert set(c["metrics"]) == {"roc_auc", "precision_at_k", "recall_at_k", "k", "roc_auc_top"}
+        assert c["metrics"]["k"] == 4 and set(c["metrics"]["roc_auc_top"]) == {"4", "10", "30"}
         scores = [h["score"] for h in c["heads"]]
         assert scores == sorted(scores, reverse=True) and len(scores) == 12
         assert (out / "heads.png").stat().st_size > 1000 and (out / "roc.png").stat().st_size > 1000
+        f = c["faithfulness"]
+        assert f["k"] == 4 and len(f["random_k"]) == 2 and ("top_k_positive" in f) == (method == "attribution")
+    signed = c  # attribution: heads carry the signed estimate, ranked by its size
+    assert all(h["score"] == abs(h["effect"]) for h in signed["heads"])
 
 
 def test_code_overlap_is_deterministic(tiny_models, task_file, tmp_path):
     model = tiny_models("llama")
-    a = run_circuit(model, task_file, tmp_path / "a", n_prompts=20, n_train=5, seed=3, progress=False)
-    b = run_circuit(model, task_file, tmp_path / "b", n_prompts=20, n_train=5, seed=3, progress=False)
-    assert a["heads"] == b["heads"]
+    for method in ("code-overlap", "code-overlap-edges"):
+        a = run_circuit(model, task_file, tmp_path / "a", method=method, n_prompts=20, n_train=5, seed=3,
+                        reduce="last", n_random=1, progress=False)
+        b = run_circuit(model, task_file, tmp_path / "b", method=method, n_prompts=20, n_train=5, seed=3,
+                        reduce="last", n_random=1, progress=False)
+        assert a["heads"] == b["heads"] and a["faithfulness"] == {**b["faithfulness"], "seconds": a[
+            "faithfulness"]["seconds"]}
 
 
 def test_circuit_cli_bad_input(tmp_path):
@@ -113,3 +122,55 @@ def test_circuit_cli_bad_input(tmp_path):
     assert r.returncode == 2 and "unknown task 'nosuch'" in r.stderr and not (tmp_path / "o").exists()
     r = run("circuit", "--task", "ioi", "--method", "magic", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "unknown circuit method 'magic'" in r.stderr
+    r = run("circuit", "--task", "ioi", "--reference", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "cannot read" in r.stderr and "reference.json" in r.stderr
+    r = run("reference", "--task", "ioi", "--top", "0", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--top must be positive" in r.stderr
+    r = run("circuit", "--task", "ioi", "--prompts", "other", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "invalid choice: 'other'" in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_file_task_has_no_heldout_split(tiny_models, task_file):
+    with pytest.raises(NnsightSaeError, match="for held-out prompts pass another file"):
+        get_task(task_file).prompts(tiny_models("llama").tokenizer, split="heldout")
+
+
+def test_code_counts_by_hand():
+    from nnsight_sae_circuits.methods import code_edge_scores, code_overlap_scores, unique_to_positive
+
+    pos = torch.tensor([[1, 5], [2, 5], [1, 6], [3, 7]])
+    neg = torch.tensor([[3, 5], [4, 5]])
+    # column 0: {1, 2, 3} on positives, 3 also on a negative -> 2; column 1: {5, 6, 7} minus 5 -> 2
+    assert unique_to_positive(pos, neg).tolist() == [2, 2]
+    assert unique_to_positive(pos, neg, chunk_cells=1).tolist() == [2, 2]  # chunked the same
+    codes_pos = torch.tensor([[[0], [1]], [[0], [2]], [[1], [1]]])  # (n=3, L=2, H=1)
+    codes_neg = torch.tensor([[[0], [1]], [[1], [0]]])
+    assert code_overlap_scores(codes_pos, codes_neg).tolist() == [[0.0], [1.0]]
+    # pairs (layer0, layer1): positives (0,1) (0,2) (1,1); negatives (0,1) (1,0) -> 2 unique pairs
+    assert code_edge_scores(codes_pos, codes_neg, n_features=3).tolist() == [[2.0], [2.0]]
+
+
+def test_keep_only_matches_clean_and_single_head_ablation(tiny_models, task_file):
+    from nnsight_sae_circuits.heads import keep_only_metric, last_logits, mean_ablation_effects
+
+    model = tiny_models("llama")
+    task = get_task(task_file)
+    prompts = task.prompts(model.tokenizer, 12)
+    clean = task.metric(last_logits(model, prompts.positive), prompts)
+    everything = torch.ones(3, 4, dtype=torch.bool)
+    torch.testing.assert_close(keep_only_metric(model, task, prompts, everything), clean, rtol=1e-5, atol=1e-5)
+    effects = mean_ablation_effects(model, task, prompts, progress=False)
+    for layer, head in [(0, 1), (2, 3)]:
+        keep = everything.clone()
+        keep[layer, head] = False
+        drop = clean.mean() - keep_only_metric(model, task, prompts, keep).mean()
+        torch.testing.assert_close(drop, effects[layer, head], rtol=1e-4, atol=1e-5)
+
+
+def test_circuit_benchmark_contract(tiny_models, task_file, tmp_path):
+    from nnsight_sae import bench
+
+    bench.bench_circuit(tiny_models("llama"), tmp_path, task=task_file, n_prompts=12)
+    result = json.loads((tmp_path / "circuit-copy.json").read_text())
+    assert set(result) == {"what", "ratio", "ours", "baseline", "unit", "setup"}
+    assert result["ratio"] == pytest.approx(result["baseline"] / result["ours"], abs=0.01) and result["ratio"] > 0

@@ -11,6 +11,17 @@ def _encode(model, texts):
     return model.tokenizer(texts, return_tensors="pt", padding=True)
 
 
+def _last_only(model) -> dict:
+    """Trace keyword arguments that make the model compute logits at the last position
+    only (every pass here reads no others), where its forward takes ``logits_to_keep``."""
+    import inspect
+
+    from nnsight_sae.sites import torch_module
+
+    accepts = "logits_to_keep" in inspect.signature(torch_module(model).forward).parameters
+    return {"logits_to_keep": 1} if accepts else {}
+
+
 @torch.no_grad()
 def head_outputs(model, texts: list[str], *, reduce: str = "mean", batch_size: int = 16) -> torch.Tensor:
     """(n_prompts, n_layers, n_heads, d_model): each head's output written into the
@@ -22,7 +33,7 @@ def head_outputs(model, texts: list[str], *, reduce: str = "mean", batch_size: i
         enc = _encode(model, texts[start:start + batch_size])
         mask = enc.attention_mask.float()
         saved = []
-        with model.trace(dict(enc)):
+        with model.trace(dict(enc), **_last_only(model)):
             for site in sites:
                 heads = site.read()  # (b, p, H, d)
                 if reduce == "last":
@@ -38,7 +49,7 @@ def head_outputs(model, texts: list[str], *, reduce: str = "mean", batch_size: i
 def last_logits(model, texts: list[str], batch_size: int = 16) -> torch.Tensor:
     chunks = []
     for start in range(0, len(texts), batch_size):
-        with model.trace(dict(_encode(model, texts[start:start + batch_size]))):
+        with model.trace(dict(_encode(model, texts[start:start + batch_size])), **_last_only(model)):
             chunks.append(model.output.logits[:, -1].float().cpu().save())
     return torch.cat(chunks)
 
@@ -55,10 +66,36 @@ def _encode_pair(model, prompts):
     return pad(pos), pad(neg)
 
 
-def _right_aligned_mean(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over prompts of z (n, p, w) at each position counted from the end, real tokens only."""
-    m = mask[..., None].float()
-    return (z * m).sum(0) / m.sum(0).clamp_min(1)
+@torch.no_grad()
+def negative_means(model, prompts, neg=None, *, batch_size: int = 16) -> list[torch.Tensor]:
+    """Per layer, (width, n_heads * d_head): each head's output (the ``head_out`` site's
+    per-head input) averaged over the negative prompts at each position counted from
+    the end, real tokens only. ``neg`` is the negatives' encoding from ``_encode_pair``."""
+    neg = _encode_pair(model, prompts)[1] if neg is None else neg
+    sites = [resolve_site(model, f"head_out.{layer}") for layer in range(n_layers(model))]
+    sums, count = None, 0
+    for start in range(0, len(prompts), batch_size):
+        rows = slice(start, start + batch_size)
+        mask = neg.attention_mask[rows][..., None].float()
+        zs = []  # filled inside the trace (its body runs apart from this frame)
+        with model.trace({"input_ids": neg.input_ids[rows], "attention_mask": neg.attention_mask[rows]},
+                         **_last_only(model)):
+            for site in sites:
+                zs.append(site.envoy.input.save())
+        batch = [(z.float().cpu() * mask).sum(0) for z in zs]
+        sums = batch if sums is None else [a + b for a, b in zip(sums, batch)]
+        count = count + mask.sum(0)
+    return [total / count.clamp_min(1) for total in sums]
+
+
+def _ablate(z: torch.Tensor, mean: torch.Tensor, heads: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """z (rows, p, H*dh) with the heads marked in ``heads`` (rows, H) replaced by
+    ``mean`` (p, H*dh) at the real positions (``real``: rows x p)."""
+    rows, width, _ = z.shape
+    H = heads.shape[1]
+    where = (heads[:, None, :, None] & real[:, :, None, None]).to(z.device)
+    out = torch.where(where, mean.view(1, width, H, -1).to(z.device, z.dtype), z.reshape(rows, width, H, -1))
+    return out.reshape(z.shape)
 
 
 @torch.no_grad()
@@ -72,47 +109,58 @@ def mean_ablation_effects(model, task, prompts, *, batch_size: int = 16, rows_pe
 
     clean = task.metric(last_logits(model, prompts.positive, batch_size), prompts).mean()
     pos, neg = _encode_pair(model, prompts)
+    means = negative_means(model, prompts, neg, batch_size=batch_size)
     L = n_layers(model)
-    effects = torch.zeros(L, resolve_site(model, "head_out.0").n_heads)
+    H = resolve_site(model, "head_out.0").n_heads
+    effects = torch.zeros(L, H)
     layers = [resolve_site(model, f"resid_post.{layer}") for layer in range(L)]
     resid = []  # the clean residual after each layer: patched passes skip the layers before the head's
-    with torch.no_grad(), model.trace(dict(pos)):
+    with model.trace(dict(pos), **_last_only(model)):
         for site in layers:
             resid.append(site.read().save())
+    n, per_pass = len(prompts), max(1, rows_per_pass // H)
     for layer in tqdm(range(L), desc="patch heads", disable=not progress, leave=False):
         site = resolve_site(model, f"head_out.{layer}")
-        H = site.n_heads
-        with model.trace(dict(neg)) as tracer:
-            z_neg = site.envoy.input.save()
-            tracer.stop()
-        mean = _right_aligned_mean(z_neg.float(), neg.attention_mask)  # (p, H*dh)
-        dh = mean.shape[-1] // H
         metrics = []
-        n, per_pass = len(prompts), max(1, rows_per_pass // H)
         for start in range(0, n, per_pass):
             idx = list(range(start, min(n, start + per_pass)))
             ids = pos.input_ids[idx].repeat(H, 1)
             mask = pos.attention_mask[idx].repeat(H, 1)
-            with model.trace({"input_ids": ids, "attention_mask": mask}):
+            which = torch.eye(H, dtype=torch.bool).repeat_interleave(len(idx), dim=0)  # copy h ablates head h
+            with model.trace({"input_ids": ids, "attention_mask": mask}, **_last_only(model)):
                 if layer > 0:
                     before = resid[layer - 1][idx].repeat(H, 1, 1)
                     for skipped in layers[:layer]:  # only the last one's output is used downstream
                         skipped.envoy.skip(before)
-                z = site.envoy.input
-                patched = z.clone()
-                for h in range(H):
-                    rows = slice(h * len(idx), (h + 1) * len(idx))
-                    real = mask[rows].bool().to(z.device)[..., None]
-                    head = patched[rows, :, h * dh:(h + 1) * dh]
-                    patched[rows, :, h * dh:(h + 1) * dh] = torch.where(
-                        real, mean[:, h * dh:(h + 1) * dh].to(z.device, z.dtype), head)
-                site.envoy.input = patched
+                site.envoy.input = _ablate(site.envoy.input, means[layer], which, mask.bool())
                 logits = model.output.logits[:, -1].float().save()
             sub = prompts.subset(idx)
             metrics.append(torch.stack([task.metric(logits[h * len(idx):(h + 1) * len(idx)].cpu(), sub)
                                         for h in range(H)]))  # (H, len(idx))
         effects[layer] = clean - torch.cat(metrics, dim=1).mean(1)
     return effects
+
+
+@torch.no_grad()
+def keep_only_metric(model, task, prompts, keep: torch.Tensor, means=None, *, batch_size: int = 16) -> torch.Tensor:
+    """Per positive prompt, the task metric when every head outside ``keep`` (a bool
+    (n_layers, n_heads) mask) is replaced by its negative mean at once: the circuit
+    run alone. ``means`` from ``negative_means`` (computed when not given)."""
+    pos, neg = _encode_pair(model, prompts)
+    means = negative_means(model, prompts, neg, batch_size=batch_size) if means is None else means
+    sites = [resolve_site(model, f"head_out.{layer}") for layer in range(n_layers(model))]
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        idx = list(range(start, min(len(prompts), start + batch_size)))
+        real = pos.attention_mask[idx].bool()
+        with model.trace({"input_ids": pos.input_ids[idx], "attention_mask": pos.attention_mask[idx]},
+                         **_last_only(model)):
+            for layer, site in enumerate(sites):
+                ablate = (~keep[layer])[None].expand(len(idx), -1)
+                site.envoy.input = _ablate(site.envoy.input, means[layer], ablate, real)
+            logits = model.output.logits[:, -1].float().save()
+        out.append(task.metric(logits.cpu(), prompts.subset(idx)))
+    return torch.cat(out)
 
 
 def attribution_effects(model, task, prompts, *, batch_size: int = 16) -> torch.Tensor:
@@ -124,17 +172,13 @@ def attribution_effects(model, task, prompts, *, batch_size: int = 16) -> torch.
     H = sites[0].n_heads
     pos, neg = _encode_pair(model, prompts)
     width = pos.input_ids.shape[1]
-    means = []
-    with torch.no_grad(), model.trace(dict(neg)):
-        for site in sites:
-            means.append(site.envoy.input.save())
-    means = [_right_aligned_mean(z.float(), neg.attention_mask) for z in means]
+    means = negative_means(model, prompts, neg, batch_size=batch_size)
     effects = torch.zeros(L, H)
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(len(prompts), start + batch_size)))
         enc = {"input_ids": pos.input_ids[idx], "attention_mask": pos.attention_mask[idx]}
         zs, grads = [], []
-        with model.trace(enc):
+        with model.trace(enc, **_last_only(model)):
             for site in sites:
                 zs.append(site.envoy.input.save())
             metric = task.metric(model.output.logits[:, -1].float(), prompts.subset(idx)).sum()

@@ -22,20 +22,51 @@ def train_discrete_sae(rows: torch.Tensor, *, n_features: int = 200, l1: float =
     return sae
 
 
-def code_overlap_scores(pos: torch.Tensor, neg: torch.Tensor, train_index, *, n_features=200, l1=0.02,
-                        epochs=500, seed=0) -> torch.Tensor:
-    """(L, H) node scores: how many distinct codes a head shows on positive prompts
-    and never on negative ones. pos/neg: (n, L, H, d) head outputs."""
-    n, L, H, d = pos.shape
+def head_codes(pos: torch.Tensor, neg: torch.Tensor, train_index, *, n_features=200, l1=0.02, epochs=500,
+               seed=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit the shared SAE on the training prompts' head outputs (positive and negative)
+    and return every prompt's code per head: two (n, L, H) integer tensors.
+    pos/neg: (n, L, H, d) head outputs."""
+    d = pos.shape[-1]
     train_rows = torch.cat([pos[train_index], neg[train_index]]).reshape(-1, d)
     sae = train_discrete_sae(train_rows, n_features=n_features, l1=l1, epochs=epochs, seed=seed)
     with torch.no_grad():
-        pos_codes, neg_codes = sae.code(pos), sae.code(neg)  # (n, L, H)
-    scores = torch.zeros(L, H)
-    for layer in range(L):
-        for h in range(H):
-            scores[layer, h] = len(set(pos_codes[:, layer, h].tolist()) - set(neg_codes[:, layer, h].tolist()))
-    return scores
+        return sae.code(pos), sae.code(neg)
+
+
+def unique_to_positive(pos_codes: torch.Tensor, neg_codes: torch.Tensor, chunk_cells: int = 1 << 25) -> torch.Tensor:
+    """Per column of (n, C) integer codes: how many distinct values occur on positive
+    prompts and never on negative ones."""
+    n_pos, n_neg, C = len(pos_codes), len(neg_codes), pos_codes.shape[1]
+    earlier = torch.ones(n_pos, n_pos, dtype=torch.bool).tril(-1)[..., None]  # row i, column j < i
+    counts = torch.zeros(C, dtype=torch.long)
+    step = max(1, chunk_cells // max(n_pos * max(n_pos, n_neg), 1))
+    for c in range(0, C, step):
+        p, q = pos_codes[:, c:c + step], neg_codes[:, c:c + step]
+        seen_negative = (p[:, None] == q[None]).any(1)
+        repeat = ((p[:, None] == p[None]) & earlier).any(1)  # the same value on an earlier positive
+        counts[c:c + step] = (~seen_negative & ~repeat).sum(0)
+    return counts
+
+
+def code_overlap_scores(pos_codes: torch.Tensor, neg_codes: torch.Tensor) -> torch.Tensor:
+    """(L, H) node scores: distinct codes a head shows on positive prompts and never on
+    negative ones. Codes: (n, L, H)."""
+    n, L, H = pos_codes.shape
+    return unique_to_positive(pos_codes.reshape(n, -1), neg_codes.reshape(len(neg_codes), -1)).view(L, H).float()
+
+
+def code_edge_scores(pos_codes: torch.Tensor, neg_codes: torch.Tensor, n_features: int) -> torch.Tensor:
+    """(L, H) node scores from the edge variant: for every pair of heads in different
+    layers, the distinct (code, code) pairs seen on positives and never on negatives;
+    a head's score is the sum over the pairs it is in."""
+    n, L, H = pos_codes.shape
+    flat_pos, flat_neg = pos_codes.reshape(n, -1).long(), neg_codes.reshape(len(neg_codes), -1).long()
+    pairs = lambda c: (c[:, :, None] * n_features + c[:, None, :]).reshape(len(c), -1)  # noqa: E731
+    edges = unique_to_positive(pairs(flat_pos), pairs(flat_neg)).view(L * H, L * H).float()
+    layer = torch.arange(L).repeat_interleave(H)
+    edges = edges * (layer[:, None] < layer[None, :])  # upstream head -> downstream head
+    return (edges.sum(0) + edges.sum(1)).view(L, H)
 
 
 def mean_difference_scores(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:

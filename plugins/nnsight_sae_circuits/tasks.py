@@ -3,6 +3,10 @@
 A task makes positive prompts (the model can do the task), negative prompts of
 the same form with the task signal destroyed, the answer token of each, and a
 metric on the last-position logits.
+
+The built-in tasks have two prompt sets: ``split="train"`` and ``split="heldout"``,
+which share no names, templates, places, objects, events, centuries or argument
+names, so a circuit found on one can be checked on prompts it has never seen.
 """
 
 from __future__ import annotations
@@ -53,6 +57,14 @@ class TaskPrompts:
                            pick(self.extra), self.skipped)
 
 
+SPLITS = ("train", "heldout")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise TaskError(f"unknown prompt split {split!r}; splits: {', '.join(SPLITS)}")
+
+
 def single_token(tokenizer, text: str) -> int | None:
     ids = tokenizer(text, add_special_tokens=False).input_ids
     return ids[0] if len(ids) == 1 else None
@@ -72,31 +84,54 @@ def logit_difference(logits, prompts: TaskPrompts):
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-NAMES = ["Mary", "John", "Tom", "James", "Anna", "Paul", "Kate", "Mark", "Sarah", "David", "Lucy", "Peter",
-         "Emma", "Jack", "Alice", "Michael", "Laura", "Daniel", "Rachel", "Steve", "Susan", "George", "Linda",
-         "Frank", "Helen", "Robert", "Karen", "Brian", "Julia", "Adam", "Amy", "Chris", "Jane", "Mike", "Ben"]
-PLACES = ["store", "park", "school", "hospital", "station", "library", "beach", "office", "market", "garden",
-          "restaurant", "museum", "bank", "church", "cinema"]
-OBJECTS = ["drink", "book", "ball", "gift", "letter", "key", "ring", "bag", "pen", "cake", "flower", "hat"]
+# Each list is a train part and a held-out part that share nothing.
+NAMES = {
+    "train": ["Mary", "John", "Tom", "James", "Anna", "Paul", "Kate", "Mark", "Sarah", "David", "Lucy", "Peter",
+              "Emma", "Jack", "Alice", "Michael", "Laura", "Daniel", "Rachel", "Steve", "Susan", "George", "Linda",
+              "Frank", "Helen", "Robert", "Karen", "Brian", "Julia", "Adam", "Amy", "Chris", "Jane", "Mike", "Ben"],
+    "heldout": ["Oliver", "Sophie", "Henry", "Grace", "Lily", "Sam", "Max", "Nina", "Leo", "Ruth", "Carl", "Ella",
+                "Fred", "Rose", "Tim", "Jill", "Ryan", "Kevin", "Tony", "Alex", "Lisa", "Harry", "Luke", "Eric"],
+}
+PLACES = {
+    "train": ["store", "park", "school", "hospital", "station", "library", "beach", "office", "market", "garden",
+              "restaurant", "museum", "bank", "church", "cinema"],
+    "heldout": ["airport", "hotel", "theatre", "kitchen", "farm", "zoo", "gym", "bakery", "harbor"],
+}
+OBJECTS = {
+    "train": ["drink", "book", "ball", "gift", "letter", "key", "ring", "bag", "pen", "cake", "flower", "hat"],
+    "heldout": ["card", "box", "cup", "watch", "map", "coin", "shirt", "lamp", "toy", "note"],
+}
 # ABBA: A B ... B ... -> A.  BABA: B A ... B ... -> A.  ({a}=IO, {b}=S; the placeholders are swapped for BABA)
-IOI_TEMPLATES = [
-    "When {a} and {b} went to the {place}, {b} gave a {object} to",
-    "When {a} and {b} got a {object} at the {place}, {b} decided to give it to",
-    "After {a} and {b} went to the {place}, {b} gave a {object} to",
-    "While {a} and {b} were working at the {place}, {b} gave a {object} to",
-    "Then, {a} and {b} went to the {place}. {b} gave a {object} to",
-    "Then, {a} and {b} had a long argument, and afterwards {b} said to",
-    "When {a} and {b} arrived at the {place}, {b} handed a {object} to",
-    "After the lunch, {a} and {b} went to the {place}. {b} gave a {object} to",
-    "Friends {a} and {b} found a {object} at the {place}. {b} gave it to",
-    "The {place} was quiet when {a} and {b} arrived, so {b} passed a {object} to",
-    "{a} and {b} were at the {place}. Later, {b} threw a {object} to",
-    "On Monday {a} and {b} visited the {place}, and {b} showed a {object} to",
-    "As {a} and {b} left the {place}, {b} offered a {object} to",
-    "Yesterday {a} and {b} met at the {place}, where {b} sold a {object} to",
-    "At the {place}, {a} and {b} had fun. Then {b} brought a {object} to",
-    "Before {a} and {b} went to the {place}, {b} lent a {object} to",
-]
+IOI_TEMPLATES = {
+    "train": [
+        "When {a} and {b} went to the {place}, {b} gave a {object} to",
+        "When {a} and {b} got a {object} at the {place}, {b} decided to give it to",
+        "After {a} and {b} went to the {place}, {b} gave a {object} to",
+        "While {a} and {b} were working at the {place}, {b} gave a {object} to",
+        "Then, {a} and {b} went to the {place}. {b} gave a {object} to",
+        "Then, {a} and {b} had a long argument, and afterwards {b} said to",
+        "When {a} and {b} arrived at the {place}, {b} handed a {object} to",
+        "After the lunch, {a} and {b} went to the {place}. {b} gave a {object} to",
+        "Friends {a} and {b} found a {object} at the {place}. {b} gave it to",
+        "The {place} was quiet when {a} and {b} arrived, so {b} passed a {object} to",
+        "{a} and {b} were at the {place}. Later, {b} threw a {object} to",
+        "On Monday {a} and {b} visited the {place}, and {b} showed a {object} to",
+        "As {a} and {b} left the {place}, {b} offered a {object} to",
+        "Yesterday {a} and {b} met at the {place}, where {b} sold a {object} to",
+        "At the {place}, {a} and {b} had fun. Then {b} brought a {object} to",
+        "Before {a} and {b} went to the {place}, {b} lent a {object} to",
+    ],
+    "heldout": [
+        "Once {a} and {b} reached the {place}, {b} mailed a {object} to",
+        "Last week {a} and {b} cleaned the {place}, and {b} returned a {object} to",
+        "Since {a} and {b} were tired at the {place}, {b} tossed a {object} to",
+        "During the trip, {a} and {b} stopped at the {place}. {b} sent a {object} to",
+        "{a} and {b} waited at the {place} for hours. Finally {b} gave a {object} to",
+        "In the morning {a} and {b} walked to the {place}, and {b} read a {object} to",
+        "When the rain started, {a} and {b} ran into the {place}. {b} handed a {object} to",
+        "Because {a} and {b} worked late at the {place}, {b} left a {object} for",
+    ],
+}
 
 
 class IOITask(Task):
@@ -106,16 +141,17 @@ class IOITask(Task):
     name = "ioi"
     help = "indirect object identification (ABBA/BABA templates); metric logit(IO) - logit(S)"
 
-    def prompts(self, tokenizer, n: int, seed: int = 0, templates=None, names=None) -> TaskPrompts:
+    def prompts(self, tokenizer, n: int, seed: int = 0, split: str = "train") -> TaskPrompts:
+        _check_split(split)
         rng = random.Random(seed)
-        names = [x for x in (names or NAMES) if single_token(tokenizer, " " + x) is not None]
-        templates = templates or IOI_TEMPLATES
+        names = [x for x in NAMES[split] if single_token(tokenizer, " " + x) is not None]
+        templates = IOI_TEMPLATES[split]
         out = TaskPrompts()
         for i in range(n):
             template = templates[i % len(templates)]
             baba = (i // len(templates)) % 2 == 1
             io, s, c = rng.sample(names, 3)
-            place, obj = rng.choice(PLACES), rng.choice(OBJECTS)
+            place, obj = rng.choice(PLACES[split]), rng.choice(OBJECTS[split])
             p = _fill(template, first=(s if baba else io), second=(io if baba else s), repeat=s,
                       place=place, obj=obj)
             q = _fill(template, first=(s if baba else io), second=(io if baba else s), repeat=c,
@@ -135,8 +171,12 @@ def _fill(template, *, first, second, repeat, place, obj):
     return text.replace("{place}", place).replace("{object}", obj)
 
 
-EVENTS = ["war", "expedition", "famine", "reign", "drought", "strike", "siege", "voyage", "crisis", "revolt",
-          "pandemic", "campaign", "construction", "occupation", "festival", "embargo"]
+EVENTS = {
+    "train": ["war", "expedition", "famine", "reign", "drought", "strike", "siege", "voyage", "crisis", "revolt",
+              "pandemic", "campaign", "construction", "occupation", "festival", "embargo"],
+    "heldout": ["blockade", "dynasty", "journey", "rebellion", "boom", "truce", "exile", "migration", "mission"],
+}
+CENTURIES = {"train": (11, 12, 13, 14, 16, 17, 19), "heldout": (15, 18)}
 
 
 class GreaterThanTask(Task):
@@ -150,15 +190,15 @@ class GreaterThanTask(Task):
     name = "greater-than"
     help = "years: P(tens digit > start) - P(< start); negatives start at XX01"
 
-    def prompts(self, tokenizer, n: int, seed: int = 0, centuries=(11, 12, 13, 14, 15, 16, 17, 18, 19),
-                events=None) -> TaskPrompts:
+    def prompts(self, tokenizer, n: int, seed: int = 0, split: str = "train") -> TaskPrompts:
+        _check_split(split)
         rng = random.Random(seed)
         digits = [single_token(tokenizer, str(d)) for d in range(10)]
         if any(d is None for d in digits):
             raise TaskError("greater-than needs a tokenizer with single-token digits")
         pos, neg, ans, wrong, extra = [], [], [], [], []
         for i in range(n):
-            event, century = rng.choice(events or EVENTS), rng.choice(centuries)
+            event, century = rng.choice(EVENTS[split]), rng.choice(CENTURIES[split])
             tens = rng.randint(2, 8)
             year = century * 100 + tens * 10 + rng.randint(0, 9)
             p = f"The {event} lasted from the year {year} to the year {century}"
@@ -180,9 +220,15 @@ class GreaterThanTask(Task):
         return (probs * greater).sum(-1) - (probs * less).sum(-1)
 
 
-ARG_NAMES = ["path", "mode", "size", "name", "value", "key", "data", "count", "index", "items", "text", "limit",
-             "start", "end", "step", "width", "height", "color", "label", "target", "source", "level", "timeout"]
-FUNC_NAMES = ["load", "save", "parse", "render", "update", "compute", "merge", "scale", "split", "fetch"]
+ARG_NAMES = {
+    "train": ["path", "mode", "size", "name", "value", "key", "data", "count", "index", "items", "text", "limit",
+              "start", "end", "step", "width", "height", "color", "label", "target", "source", "level", "timeout"],
+    "heldout": ["buffer", "flag", "format", "prefix", "suffix", "offset", "depth", "weight", "scope", "query",
+                "token", "delay", "encoding", "parent", "child", "order", "result", "config", "port", "user"],
+}
+FUNC_NAMES = {"train": ["load", "save", "parse", "render", "update", "compute", "merge", "scale", "split", "fetch"],
+              "heldout": ["encode", "resolve", "validate", "convert", "send", "build", "filter"]}
+SUMMARIES = {"train": ["Run the operation."], "heldout": ["Apply the change.", "Handle one request."]}
 
 
 class DocstringTask(Task):
@@ -193,23 +239,24 @@ class DocstringTask(Task):
     name = "docstring"
     help = "next :param name in a docstring; negatives scramble argument names"
 
-    def prompts(self, tokenizer, n: int, seed: int = 0) -> TaskPrompts:
+    def prompts(self, tokenizer, n: int, seed: int = 0, split: str = "train") -> TaskPrompts:
+        _check_split(split)
         rng = random.Random(seed)
-        names = [a for a in ARG_NAMES if single_token(tokenizer, " " + a) is not None]
+        names = [a for a in ARG_NAMES[split] if single_token(tokenizer, " " + a) is not None]
         out = TaskPrompts()
         for _ in range(n):
-            fn = rng.choice(FUNC_NAMES)
+            fn, summary = rng.choice(FUNC_NAMES[split]), rng.choice(SUMMARIES[split])
             args = rng.sample(names, 6)
             a, b, c = args[:3]
-            p = self._text(fn, (a, b, c), (a, b))
+            p = self._text(fn, summary, (a, b, c), (a, b))
             x, y, z, w = args[3:] + [rng.choice([v for v in names if v not in args])]
-            q = self._text(fn, (x, y, c), (z, w))
+            q = self._text(fn, summary, (x, y, c), (z, w))
             out.add(tokenizer, p, q, single_token(tokenizer, " " + c), single_token(tokenizer, " " + a))
         return out
 
     @staticmethod
-    def _text(fn, signature, documented):
-        lines = [f"def {fn}(self, {', '.join(signature)}):", '    """Run the operation.', ""]
+    def _text(fn, summary, signature, documented):
+        lines = [f"def {fn}(self, {', '.join(signature)}):", f'    """{summary}', ""]
         lines += [f"    :param {arg}: the {arg}" for arg in documented]
         return "\n".join(lines) + "\n    :param"
 
@@ -228,7 +275,9 @@ class FileTask(Task):
     def __init__(self, path=None):
         self.path = path
 
-    def prompts(self, tokenizer, n: int | None = None, seed: int = 0) -> TaskPrompts:
+    def prompts(self, tokenizer, n: int | None = None, seed: int = 0, split: str = "train") -> TaskPrompts:
+        if split != "train":
+            raise TaskError("a task file is one prompt set; for held-out prompts pass another file")
         if self.path is None:
             raise TaskError("the file task needs a path: --task PATH.jsonl")
         try:

@@ -1,0 +1,74 @@
+"""Circuit discovery on the embedded SmolLM2 (slow: about 12 minutes on 2 cores, mostly the three
+patching references). The figures are in the README's circuits table."""
+
+import pytest
+
+from nnsight_sae import NnsightSaeError
+from nnsight_sae.circuits import get_task, run_circuit, run_reference
+
+pytestmark = pytest.mark.slow
+
+TASKS = ["ioi", "greater-than", "docstring"]
+
+
+@pytest.fixture(scope="module")
+def references(smol, tmp_path_factory):
+    """task -> folder of its reference.json (40 train prompts, top 20 heads), computed once."""
+    folders = {}
+
+    def get(task):
+        if task not in folders:
+            folders[task] = tmp_path_factory.mktemp(f"reference-{task}")
+            run_reference(smol, task, folders[task], progress=False)
+        return folders[task]
+
+    return get
+
+
+def test_heldout_prompts_share_nothing_with_train(smol):
+    from nnsight_sae_circuits import tasks
+
+    for name, lists in [("ioi", (tasks.NAMES, tasks.IOI_TEMPLATES, tasks.PLACES, tasks.OBJECTS)),
+                        ("greater-than", (tasks.EVENTS, tasks.CENTURIES)),
+                        ("docstring", (tasks.ARG_NAMES, tasks.FUNC_NAMES, tasks.SUMMARIES))]:
+        for values in lists:
+            assert not set(values["train"]) & set(values["heldout"]), name
+        task = get_task(name)
+        train = task.prompts(smol.tokenizer, 40, split="train")
+        heldout = task.prompts(smol.tokenizer, 40, split="heldout")
+        assert len(heldout) >= 36 and not set(train.positive) & set(heldout.positive), name
+    ioi = get_task("ioi").prompts(smol.tokenizer, 40, split="heldout")
+    assert all(any(n in p for n in tasks.NAMES["heldout"]) for p in ioi.positive)
+    assert not any(f" {n} " in p for p in ioi.positive for n in tasks.NAMES["train"])
+    with pytest.raises(NnsightSaeError, match="unknown prompt split 'test'"):
+        get_task("ioi").prompts(smol.tokenizer, 4, split="test")
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_the_model_does_each_task_on_both_prompt_sets(smol, task):
+    from nnsight_sae_circuits.heads import last_logits
+
+    t = get_task(task)
+    for split in ("train", "heldout"):
+        prompts = t.prompts(smol.tokenizer, 40, split=split)
+        positive = t.metric(last_logits(smol, prompts.positive), prompts)
+        assert positive.mean() > 0.3 and (positive > 0).float().mean() >= 0.8, (split, positive)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_default_method_recovers_the_reference_on_unseen_prompts(smol, references, task, tmp_path):
+    reference = references(task)
+    results = {}
+    for split in ("train", "heldout"):
+        c = run_circuit(smol, task, tmp_path / split, split=split, reference=reference, n_random=3)
+        assert c["method"] == "attribution"
+        assert c["metrics"]["roc_auc"] >= 0.85, (split, c["metrics"])
+        f = c["faithfulness"]
+        # the top heads alone keep more of the task than any random set of as many heads
+        assert min(f["top_k"], f["top_k_positive"]) > max(f["random_k"]) + 0.1, (split, f)
+        if task != "docstring":  # docstring's circuit is wider than 20 heads (README: the reference's own top 20 keep 43%)
+            assert f["top_k_positive"] >= 0.6 and f["random_k_mean"] <= 0.1, (split, f)
+        results[split] = c
+    baseline = run_circuit(smol, task, tmp_path / "mean-diff", method="mean-diff", split="heldout",
+                           reference=reference, n_random=1)
+    assert results["heldout"]["metrics"]["roc_auc"] > baseline["metrics"]["roc_auc"]
