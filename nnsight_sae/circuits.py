@@ -37,7 +37,10 @@ DEFAULT_METHOD = "attribution"
 
 
 def _model_id(model) -> str:
-    return str(getattr(model._module.config, "name_or_path", "") or type(model._module).__name__)
+    """The model's Hub id, or its folder's name for a local folder (the embedded model's
+    carries a fingerprint of the GGUF file), so results name the model, not a path."""
+    name = str(getattr(model._module.config, "name_or_path", "") or type(model._module).__name__)
+    return Path(name).name if Path(name).is_dir() else name
 
 
 def _task_prompts(model, task_name: str, n_prompts: int, seed: int, split: str):
@@ -60,11 +63,17 @@ def run_reference(model, task_name: str, out: str | Path, *, n_prompts: int = 40
     t = time.perf_counter()
     effects = method.score_heads(model, task, prompts, progress=progress)
     seconds = time.perf_counter() - t
+    return write_reference(out, task=task_name, model=_model_id(model), method="mean-ablation", seconds=seconds,
+                           n_prompts=len(prompts), split=split, seed=seed, effects=effects, top=top)
+
+
+def write_reference(out, *, task, model, method, seconds, n_prompts, split, seed, effects, top) -> dict:
+    """reference.json: every head's signed effect sorted by |effect|, and the top ``top`` as the circuit."""
     heads = _ranked(effects, "effect", lambda e: -abs(e))
     circuit = heads[:top]
-    result = {"task": task_name, "model": _model_id(model), "method": "mean-ablation", "seconds": round(seconds, 2),
-              "n_prompts": len(prompts), "split": split, "seed": seed, "heads": heads,
-              "circuit": [[c["layer"], c["head"]] for c in circuit], "threshold": abs(circuit[-1]["effect"])}
+    result = {"task": task, "model": model, "method": method, "seconds": round(seconds, 2), "n_prompts": n_prompts,
+              "split": split, "seed": seed, "heads": heads, "circuit": [[c["layer"], c["head"]] for c in circuit],
+              "threshold": abs(circuit[-1]["effect"])}
     write_json(Path(out) / "reference.json", result)
     return result
 
@@ -98,15 +107,17 @@ def reference_sets(ref: dict, shape, sizes=(10, 30)) -> dict[int, torch.Tensor]:
 def run_circuit(model, task_name: str, out: str | Path, *, method: str = DEFAULT_METHOD, n_prompts: int = 40,
                 n_train: int = 10, seed: int = 0, split: str = "train", reduce: str = "mean",
                 reference: str | Path | None = None, faithfulness_k: int | None = None, n_random: int = 5,
-                progress: bool = True) -> dict:
+                curve: list[int] | None = None, progress: bool = True) -> dict:
     """Score every head with a circuit method; writes circuit.json and a heat map
-    (and a ROC curve when a reference folder is given).
+    (and a ROC curve when a reference folder is given); a signed method (attribution)
+    also writes its estimates as reference.json, so other methods can be scored against it.
 
     The method sees ``n_prompts`` prompts of ``split`` (and may fit on the first
     ``n_train``). Metrics compare its scores with the reference's circuit (ROC AUC,
     precision and recall at k = its size; AUC against its top 10 and top 30 too).
     Faithfulness: the task metric with only the top k heads left (every other head
-    mean-ablated), as a fraction of clean minus all-ablated, against random k-head sets."""
+    mean-ablated), as a fraction of clean minus all-ablated, against random k-head sets;
+    with ``curve`` (a list of k), also at each of those k, plotted in faithfulness.png."""
     methods = circuit_methods()
     if method not in methods:
         raise NnsightSaeError(f"unknown circuit method {method!r}; methods: {', '.join(sorted(methods))}")
@@ -114,7 +125,14 @@ def run_circuit(model, task_name: str, out: str | Path, *, method: str = DEFAULT
         raise NnsightSaeError(f"--reduce must be mean or last, not {reduce!r}")
     if faithfulness_k is not None and faithfulness_k <= 0:
         raise NnsightSaeError(f"--k must be positive, not {faithfulness_k}")
+    if curve and min(curve) <= 0:
+        raise NnsightSaeError(f"--curve takes positive head counts, not {min(curve)}")
     ref = read_reference(reference) if reference else None
+    # model ids compare by folder name: references written before ids dropped the folder's path still match
+    if ref is not None and (Path(str(ref.get("model"))).name, ref.get("task")) != (_model_id(model), task_name):
+        raise NnsightSaeError(f"{reference}/reference.json is for task {ref.get('task')!r} on {ref.get('model')!r}, "
+                              f"not {task_name!r} on {_model_id(model)!r}; make one with "
+                              f"`nnsight-sae reference --task {task_name} --out DIR`")
     t0 = time.perf_counter()
     task, prompts = _task_prompts(model, task_name, n_prompts, seed, split)
     if len(prompts) < n_train:
@@ -145,8 +163,14 @@ def run_circuit(model, task_name: str, out: str | Path, *, method: str = DEFAULT
                              "roc_auc_top": {str(n): roc_auc(scores, m) for n, m in sorted(sets.items())}}
         plot_roc(scores, truth, Path(out) / "roc.png", title=f"{task_name}: {method}")
     k = faithfulness_k or (int(truth.sum()) if truth is not None else 20)
+    if effects is not None:  # a signed method's estimates can serve as a reference for other methods
+        write_reference(out, task=task_name, model=result["model"], method=method, seconds=seconds["total"],
+                        n_prompts=len(prompts), split=split, seed=seed, effects=effects, top=k)
     result["faithfulness"] = faithfulness(model, task, prompts, scores, k, effects=effects, n_random=n_random,
-                                          seed=seed)
+                                          seed=seed, curve=curve)
+    if curve:
+        plot_faithfulness(result["faithfulness"]["curve"], Path(out) / "faithfulness.png",
+                          title=f"{task_name}: {method}, heads kept alone")
     plot_heatmap(scores, Path(out) / "heads.png", truth=truth,
                  title=f"{task_name}: {method} scores (reference heads outlined)" if ref
                  else f"{task_name}: {method} scores")
@@ -155,38 +179,67 @@ def run_circuit(model, task_name: str, out: str | Path, *, method: str = DEFAULT
 
 
 def faithfulness(model, task, prompts, scores: torch.Tensor, k: int, *, effects: torch.Tensor | None = None,
-                 n_random: int = 5, seed: int = 0) -> dict:
+                 n_random: int = 5, seed: int = 0, curve: list[int] | None = None) -> dict:
     """The task metric on the positive prompts with only the k top-scoring heads left
     (all others replaced by their negative means), and with random k-head sets;
     each also as the fraction (m - m_ablated) / (m_clean - m_ablated). With signed
     effect estimates, also the k heads of largest positive effect ("top_k_positive"):
-    the heads that do the task, without those that work against it."""
+    the heads that do the task, without those that work against it. ``curve``: the
+    same fractions at each of these k (two random sets each), under "curve"."""
     ablation = registry().get("analyses", "reference")  # the plugin that owns head ablation
     t = time.perf_counter()
     L, H = scores.shape
-    k = min(k, L * H)
     means = ablation.negative_means(model, prompts)
     run = lambda keep: float(ablation.keep_only_metric(model, task, prompts, keep, means).mean())  # noqa: E731
     clean = run(torch.ones(L, H, dtype=torch.bool))
     ablated = run(torch.zeros(L, H, dtype=torch.bool))
     fraction = lambda m: (m - ablated) / (clean - ablated) if clean != ablated else float("nan")  # noqa: E731
+    generator = torch.Generator().manual_seed(seed)
 
     def keep(index):
         mask = torch.zeros(L * H, dtype=torch.bool)
         mask[index] = True
         return mask.view(L, H)
 
-    top = run(keep(scores.flatten().topk(k).indices))
-    generator = torch.Generator().manual_seed(seed)
-    random = [run(keep(torch.randperm(L * H, generator=generator)[:k])) for _ in range(n_random)]
-    result = {"k": k, "metric_clean": clean, "metric_all_ablated": ablated, "metric_top_k": top,
-              "metric_random_k": random, "top_k": fraction(top), "random_k": [fraction(m) for m in random],
-              "random_k_mean": sum(fraction(m) for m in random) / max(1, n_random)}
-    if effects is not None:
-        result["metric_top_k_positive"] = run(keep(effects.flatten().topk(k).indices))
-        result["top_k_positive"] = fraction(result["metric_top_k_positive"])
+    def at(k: int, n_random: int) -> dict:
+        k = min(k, L * H)
+        row = {"k": k, "metric_top_k": run(keep(scores.flatten().topk(k).indices)),
+               "metric_random_k": [run(keep(torch.randperm(L * H, generator=generator)[:k])) for _ in range(n_random)]}
+        row["top_k"] = fraction(row["metric_top_k"])
+        row["random_k"] = [fraction(m) for m in row["metric_random_k"]]
+        row["random_k_mean"] = sum(row["random_k"]) / max(1, n_random)
+        if effects is not None:
+            row["metric_top_k_positive"] = run(keep(effects.flatten().topk(k).indices))
+            row["top_k_positive"] = fraction(row["metric_top_k_positive"])
+        return row
+
+    result = {"metric_clean": clean, "metric_all_ablated": ablated, **at(k, n_random)}
+    if curve:
+        result["curve"] = [at(c, 2) for c in sorted({min(c, L * H) for c in curve})]
     result["seconds"] = round(time.perf_counter() - t, 2)
     return result
+
+
+def plot_faithfulness(curve: list[dict], path: Path, *, title=""):
+    """Fraction of the task kept vs heads kept: top by score, top by positive effect, random."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ks = [row["k"] for row in curve]
+    ax.plot(ks, [row["top_k"] for row in curve], "o-", label="top k by score")
+    if "top_k_positive" in curve[0]:
+        ax.plot(ks, [row["top_k_positive"] for row in curve], "s-", label="top k by positive effect")
+    ax.plot(ks, [row["random_k_mean"] for row in curve], "x:", color="grey", label="random k (mean of 2)")
+    ax.axhline(1.0, color="k", linewidth=0.6)
+    ax.axhline(0.0, color="k", linewidth=0.6)
+    ax.set_xscale("log")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("heads kept (the rest mean-ablated)")
+    ax.set_ylabel("fraction of the task metric kept")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
 def roc_auc(scores: torch.Tensor, positives: torch.Tensor) -> float:

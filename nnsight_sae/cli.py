@@ -134,7 +134,7 @@ def cmd_circuit(args) -> int:
     model = load_model(args.model)
     result = run_circuit(model, args.task, args.out, method=args.method, n_prompts=args.n_prompts,
                          n_train=args.n_train, seed=args.seed, split=args.prompts, reduce=args.reduce,
-                         reference=args.reference, faithfulness_k=args.k)
+                         reference=args.reference, faithfulness_k=args.k, curve=args.curve)
     top = ", ".join(f"L{h['layer']}H{h['head']}" for h in result["heads"][:10])
     print(f"{args.task} / {args.method} on {result['n_prompts']} {args.prompts} prompts: top heads {top}")
     if "metrics" in result:
@@ -148,8 +148,13 @@ def cmd_circuit(args) -> int:
           f"random {f['k']}-head sets keep {f['random_k_mean']:.0%}"
           + (f"; the {f['k']} heads of largest positive effect keep {f['top_k_positive']:.0%}"
              if "top_k_positive" in f else ""))
-    print(f"{result['seconds']['total']:.1f}s; wrote {args.out}/circuit.json and {args.out}/heads.png"
-          + (f", {args.out}/roc.png" if "metrics" in result else ""))
+    for row in f.get("curve", []):
+        print(f"  k {row['k']:>4}: top by score keep {row['top_k']:.0%}"
+              + (f", top by positive effect {row['top_k_positive']:.0%}" if "top_k_positive" in row else "")
+              + f", random {row['random_k_mean']:.0%}")
+    plots = ["heads.png"] + ["roc.png"] * ("metrics" in result) + ["faithfulness.png"] * bool(args.curve)
+    print(f"{result['seconds']['total']:.1f}s; wrote {args.out}/circuit.json and "
+          + ", ".join(f"{args.out}/{name}" for name in plots))
     return 0
 
 
@@ -247,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduce", choices=["mean", "last"], default="mean",
                    help="code-overlap / mean-diff: head outputs averaged over positions or at the last one")
     p.add_argument("--k", type=int, help="heads kept for the faithfulness check (default: the reference's size, or 20)")
+    p.add_argument("--curve", type=_csv(int), nargs="?", const=[5, 10, 20, 40, 80, 160],
+                   help="faithfulness at several k (default 5,10,20,40,80,160): faithfulness.png")
     _add_prompts(p)
     _add_model(p)
     p.set_defaults(func=cmd_circuit)

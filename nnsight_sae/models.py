@@ -132,6 +132,30 @@ def _load_folder(folder: str, tokenizer=None, **kw):
     return model
 
 
+_PLACEMENT_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map) -> None:
+    """Raise ModelLoadError when a device_map (a strategy, one device, or a dict of
+    module path -> device) names a device this machine does not have."""
+    if device_map is None or device_map in _PLACEMENT_STRATEGIES:
+        return
+    for where in (device_map.values() if isinstance(device_map, dict) else [device_map]):
+        if where == "disk":
+            continue
+        try:
+            device = torch.device(f"cuda:{where}" if isinstance(where, int) else where)
+        except (RuntimeError, TypeError) as e:
+            raise ModelLoadError(f"device_map names {where!r}, which is not a device: {e}") from None
+        n_cuda = torch.cuda.device_count()
+        if device.type == "cuda" and (device.index or 0) >= n_cuda:
+            have = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(n_cuda)])
+            raise ModelLoadError(f"device_map names {device}, but this machine has {n_cuda} CUDA device(s); "
+                                 f"devices here: {have} (or use device_map='auto')")
+        if device.type not in ("cpu", "cuda", "meta"):
+            raise ModelLoadError(f"device_map names {device}: only cpu, cuda:N and disk are supported")
+
+
 def load_model(name: str | os.PathLike | None = None, *, device_map=None, dtype=None, tokenizer=None, **kw):
     """An nnsight model ready to trace, with its tokenizer attached.
 
@@ -141,6 +165,7 @@ def load_model(name: str | os.PathLike | None = None, *, device_map=None, dtype=
     transformers/accelerate. The default dtype is float32. ``tokenizer``
     overrides the one loaded from the model folder.
     """
+    check_device_map(device_map)
     kw["tokenizer"] = tokenizer
     kw["dtype"] = dtype if dtype is not None else torch.float32
     if device_map is not None:

@@ -103,6 +103,26 @@ def test_circuit_and_reference_json_contracts(tiny_models, task_file, tmp_path):
         assert f["k"] == 4 and len(f["random_k"]) == 2 and ("top_k_positive" in f) == (method == "attribution")
     signed = c  # attribution: heads carry the signed estimate, ranked by its size
     assert all(h["score"] == abs(h["effect"]) for h in signed["heads"])
+    as_reference = json.loads((tmp_path / "attribution" / "reference.json").read_text())
+    assert as_reference["method"] == "attribution" and len(as_reference["circuit"]) == 4
+    scored = run_circuit(model, task_file, tmp_path / "vs-attribution", method="mean-diff", n_prompts=20,
+                         reference=tmp_path / "attribution", n_random=1, progress=False)
+    assert scored["metrics"]["k"] == 4
+    with pytest.raises(NnsightSaeError, match="reference.json is for task .* not 'ioi'"):
+        run_circuit(model, "ioi", tmp_path / "other", reference=tmp_path / "ref", progress=False)
+    with pytest.raises(NnsightSaeError, match="reference.json is for task .* not '.*' on 'gemma2"):
+        run_circuit(tiny_models("gemma2"), task_file, tmp_path / "other", reference=tmp_path / "ref", progress=False)
+
+
+def test_faithfulness_curve(tiny_models, task_file, tmp_path):
+    model = tiny_models("llama")
+    c = run_circuit(model, task_file, tmp_path, n_prompts=12, curve=[1, 4, 12, 50], n_random=1, progress=False)
+    curve = c["faithfulness"]["curve"]
+    assert [row["k"] for row in curve] == [1, 4, 12]  # capped at the 12 heads there are
+    assert curve[-1]["top_k"] == pytest.approx(1.0) and curve[-1]["random_k"] == [pytest.approx(1.0)] * 2
+    assert (tmp_path / "faithfulness.png").stat().st_size > 1000
+    with pytest.raises(NnsightSaeError, match="--curve takes positive head counts"):
+        run_circuit(model, task_file, tmp_path, n_prompts=12, curve=[0, 4], progress=False)
 
 
 def test_code_overlap_is_deterministic(tiny_models, task_file, tmp_path):

@@ -90,3 +90,17 @@ def test_local_folder_with_dtype_and_device_map(tmp_path):
     with model.trace(tiny_prompts()):
         x = resolve_site(model, "resid_post.0").read().save()
     assert x.dtype == torch.bfloat16
+
+
+def test_device_map_naming_missing_devices_is_refused(tmp_path):
+    from nnsight_sae.models import check_device_map
+
+    n = torch.cuda.device_count()
+    for ok in (None, "auto", "cpu", {"": "cpu"}, {"model.layers.0": "cpu", "lm_head": "disk"}):
+        check_device_map(ok)
+    with pytest.raises(ModelLoadError, match=f"names cuda:{n}, but this machine has {n} CUDA device"):
+        load_model(tmp_path / "never-read", device_map={"model.layers.0": "cpu", "model.layers.1": f"cuda:{n}"})
+    with pytest.raises(ModelLoadError, match=f"names cuda:{n}"):
+        check_device_map(n)  # accelerate's integer form
+    with pytest.raises(ModelLoadError, match="'gpu7', which is not a device"):
+        check_device_map({"": "gpu7"})
