@@ -2,7 +2,7 @@
 stream, evaluate it, splice it into a trace, look at what it reads on an IOI prompt,
 then find the IOI circuit's attention heads and check them against exhaustive patching.
 
-Run with `make demo` (under 10 minutes on 2 CPU cores). Results land in demo-out/.
+Run with `make demo` (about 5 minutes on 2 CPU cores). Results land in demo-out/.
 """
 
 import json
