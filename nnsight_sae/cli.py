@@ -69,7 +69,7 @@ def _fail_if_exists(out, resume=False):
 
 def cmd_train(args) -> int:
     from .models import load_model
-    from .pipeline import RunSpec, train_and_evaluate
+    from .pipeline import RunSpec, end_distributed, train_and_evaluate
     from .plugins import registry
 
     for t in args.type:  # check what needs no model first, so bad input costs nothing
@@ -94,6 +94,7 @@ def cmd_train(args) -> int:
     config = {"lr": args.lr, "seed": args.seed, "checkpoint_every": args.checkpoint_every}
     results = train_and_evaluate(model, _data_spec(args, tokens=args.tokens, eval_tokens=args.eval_tokens),
                                  run, config, args.out, resume=args.resume)
+    end_distributed()
     if results:  # data-parallel runs: only the first process saves and evaluates
         print(json.dumps(results, indent=2))
     return 0

@@ -99,6 +99,15 @@ def init_distributed() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def end_distributed() -> None:
+    """Leave the process group once every process is done (the first one saves and
+    evaluates after the others have stopped training). A process that exits while
+    its group is still up can abort in gloo's teardown."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def _reduce(value: float, op) -> float:
     if not torch.distributed.is_initialized():
         return value
