@@ -237,9 +237,7 @@ def plot_faithfulness(curve: list[dict], path: Path, *, title=""):
     ax.set_ylabel("fraction of the task metric kept")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def roc_auc(scores: torch.Tensor, positives: torch.Tensor) -> float:
@@ -269,6 +267,12 @@ def _figure():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
 def plot_heatmap(scores: torch.Tensor, path: Path, *, truth=None, title=""):
     """Layer x head heat map; reference heads outlined."""
     plt = _figure()
@@ -282,9 +286,7 @@ def plot_heatmap(scores: torch.Tensor, path: Path, *, truth=None, title=""):
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_roc(scores: torch.Tensor, truth: torch.Tensor, path: Path, *, title=""):
@@ -300,6 +302,4 @@ def plot_roc(scores: torch.Tensor, truth: torch.Tensor, path: Path, *, title="")
     ax.set_ylabel("true positive rate")
     ax.set_title(title, fontsize=9)
     ax.legend(loc="lower right")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    _save(plt, fig, path)

@@ -104,20 +104,17 @@ def cmd_bench(args) -> int:
     from . import bench
 
     out = Path(args.out)
+    from .models import load_model
+
     if args.what == "train":
         results = bench.bench_train(out)
+    elif args.what == "circuit":
+        from .circuits import get_task
+
+        get_task(args.task)  # bad input fails before the model loads
+        results = bench.bench_circuit(load_model(args.model), out, task=args.task, method=args.method)
     else:
-        from .models import load_model
-
-        if args.what == "circuit":
-            from .circuits import get_task
-
-            get_task(args.task)
-        model = load_model(args.model)
-        if args.what == "circuit":
-            results = bench.bench_circuit(model, out, task=args.task, method=args.method)
-        else:
-            results = (bench.bench_harvest if args.what == "harvest" else bench.bench_splice)(model, out)
+        results = (bench.bench_harvest if args.what == "harvest" else bench.bench_splice)(load_model(args.model), out)
     for r in results:
         print(f"{r['what']}: ratio {r['ratio']} (ours {r['ours']}, baseline {r['baseline']} {r['unit']})")
     return 0

@@ -140,6 +140,7 @@ def check_device_map(device_map) -> None:
     module path -> device) names a device this machine does not have."""
     if device_map is None or device_map in _PLACEMENT_STRATEGIES:
         return
+    n_cuda = torch.cuda.device_count()
     for where in (device_map.values() if isinstance(device_map, dict) else [device_map]):
         if where == "disk":
             continue
@@ -147,7 +148,6 @@ def check_device_map(device_map) -> None:
             device = torch.device(f"cuda:{where}" if isinstance(where, int) else where)
         except (RuntimeError, TypeError) as e:
             raise ModelLoadError(f"device_map names {where!r}, which is not a device: {e}") from None
-        n_cuda = torch.cuda.device_count()
         if device.type == "cuda" and (device.index or 0) >= n_cuda:
             have = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(n_cuda)])
             raise ModelLoadError(f"device_map names {device}, but this machine has {n_cuda} CUDA device(s); "
