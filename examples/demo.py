@@ -1,6 +1,7 @@
 """The main job on the embedded model, offline: train a TopK SAE on SmolLM2's residual
-stream, evaluate it, splice it into a trace, look at what it reads on an IOI prompt,
-then find the IOI circuit's attention heads and check them against exhaustive patching.
+stream, evaluate it, splice it into a trace, look at what it reads on an IOI prompt
+(with a feature report page), then find the IOI circuit's attention heads and check
+them against exhaustive patching.
 
 Run with `make demo` (about 5 minutes on 2 CPU cores). Results land in demo-out/.
 """
@@ -58,7 +59,22 @@ def main():
     print(f"  {int((last != 0).sum())} features active at the last token; strongest: "
           + ", ".join(f"#{i} ({v:.1f})" for v, i in zip(top.values.tolist(), top.indices.tolist())))
     print(f"\ndictionary, eval.json: {folder}")
+    report(model, sae, top.indices.tolist()[:3])
     ioi_circuit(model)
+
+
+def report(model, sae, features):
+    """Case studies of the features strongest at the IOI prompt's last token: an HTML page."""
+    out = OUT / "feature-report"
+    r = ns.run_analysis("feature-report", model=model, dictionary=sae, out_dir=out, features=features,
+                        contexts=8, tokens=32_768)
+    print("\nwhat those features read and write (32k corpus tokens):")
+    for e in r["features"]:
+        tokens = [c["tokens"][c["max_position"]] for c in e["contexts"][:5]]
+        promoted = [t["token"] for t in e["ablation"]["lowered"][:5]] if "ablation" in e else []
+        print(f"  #{e['feature']}: fires on {100 * e['frequency']:.2f}% of tokens, strongest on {tokens}; "
+              f"ablating it lowers {promoted}")
+    print(f"  page: {out / 'feature-report.html'} (open it in a browser)")
 
 
 def ioi_circuit(model):

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .analysis import write_json
+from .analysis import pyplot, save_figure, write_json
 from .errors import NnsightSaeError
+from .models import model_id
 from .plugins import registry
 
 
@@ -34,13 +35,6 @@ def circuit_methods() -> dict:
 
 
 DEFAULT_METHOD = "attribution"
-
-
-def _model_id(model) -> str:
-    """The model's Hub id, or its folder's name for a local folder (the embedded model's
-    carries a fingerprint of the GGUF file), so results name the model, not a path."""
-    name = str(getattr(model._module.config, "name_or_path", "") or type(model._module).__name__)
-    return Path(name).name if Path(name).is_dir() else name
 
 
 def _task_prompts(model, task_name: str, n_prompts: int, seed: int, split: str):
@@ -63,7 +57,7 @@ def run_reference(model, task_name: str, out: str | Path, *, n_prompts: int = 40
     t = time.perf_counter()
     effects = method.score_heads(model, task, prompts, progress=progress)
     seconds = time.perf_counter() - t
-    return write_reference(out, task=task_name, model=_model_id(model), method="mean-ablation", seconds=seconds,
+    return write_reference(out, task=task_name, model=model_id(model), method="mean-ablation", seconds=seconds,
                            n_prompts=len(prompts), split=split, seed=seed, effects=effects, top=top)
 
 
@@ -129,9 +123,9 @@ def run_circuit(model, task_name: str, out: str | Path, *, method: str = DEFAULT
         raise NnsightSaeError(f"--curve takes positive head counts, not {min(curve)}")
     ref = read_reference(reference) if reference else None
     # model ids compare by folder name: references written before ids dropped the folder's path still match
-    if ref is not None and (Path(str(ref.get("model"))).name, ref.get("task")) != (_model_id(model), task_name):
+    if ref is not None and (Path(str(ref.get("model"))).name, ref.get("task")) != (model_id(model), task_name):
         raise NnsightSaeError(f"{reference}/reference.json is for task {ref.get('task')!r} on {ref.get('model')!r}, "
-                              f"not {task_name!r} on {_model_id(model)!r}; make one with "
+                              f"not {task_name!r} on {model_id(model)!r}; make one with "
                               f"`nnsight-sae reference --task {task_name} --out DIR`")
     t0 = time.perf_counter()
     task, prompts = _task_prompts(model, task_name, n_prompts, seed, split)
@@ -149,7 +143,7 @@ def run_circuit(model, task_name: str, out: str | Path, *, method: str = DEFAULT
     if effects is not None:
         for h in heads:
             h["effect"] = float(effects[h["layer"], h["head"]])
-    result = {"task": task_name, "model": _model_id(model), "method": method, "n_train_prompts": n_train,
+    result = {"task": task_name, "model": model_id(model), "method": method, "n_train_prompts": n_train,
               "n_prompts": len(prompts), "split": split, "seed": seed, "reduce": reduce, "seconds": seconds,
               "heads": heads, "reference": str(reference) if reference else None}
     truth = None
@@ -222,7 +216,7 @@ def faithfulness(model, task, prompts, scores: torch.Tensor, k: int, *, effects:
 
 def plot_faithfulness(curve: list[dict], path: Path, *, title=""):
     """Fraction of the task kept vs heads kept: top by score, top by positive effect, random."""
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ks = [row["k"] for row in curve]
     ax.plot(ks, [row["top_k"] for row in curve], "o-", label="top k by score")
@@ -237,7 +231,7 @@ def plot_faithfulness(curve: list[dict], path: Path, *, title=""):
     ax.set_ylabel("fraction of the task metric kept")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    _save(plt, fig, path)
+    save_figure(fig, path)
 
 
 def roc_auc(scores: torch.Tensor, positives: torch.Tensor) -> float:
@@ -258,24 +252,9 @@ def precision_recall_at_k(scores: torch.Tensor, positives: torch.Tensor, k: int)
     return hits / k, hits / max(1, int(positives.sum()))
 
 
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(plt, fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
 def plot_heatmap(scores: torch.Tensor, path: Path, *, truth=None, title=""):
     """Layer x head heat map; reference heads outlined."""
-    plt = _figure()
+    plt = pyplot()
     L, H = scores.shape
     fig, ax = plt.subplots(figsize=(max(4, H * 0.5 + 2), max(4, L * 0.25 + 1)))
     im = ax.imshow(scores.numpy(), aspect="auto", cmap="viridis")
@@ -286,11 +265,11 @@ def plot_heatmap(scores: torch.Tensor, path: Path, *, truth=None, title=""):
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax)
-    _save(plt, fig, path)
+    save_figure(fig, path)
 
 
 def plot_roc(scores: torch.Tensor, truth: torch.Tensor, path: Path, *, title=""):
-    plt = _figure()
+    plt = pyplot()
     order = scores.flatten().argsort(descending=True)
     y = truth.flatten()[order].double()
     tpr = torch.cat([torch.zeros(1), y.cumsum(0) / y.sum()])
@@ -302,4 +281,4 @@ def plot_roc(scores: torch.Tensor, truth: torch.Tensor, path: Path, *, title="")
     ax.set_ylabel("true positive rate")
     ax.set_title(title, fontsize=9)
     ax.legend(loc="lower right")
-    _save(plt, fig, path)
+    save_figure(fig, path)

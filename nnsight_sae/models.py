@@ -188,3 +188,19 @@ def load_model(name: str | os.PathLike | None = None, *, device_map=None, dtype=
             folder = gguf_to_folder(embedded_gguf_path() if name is None else Path(name), rebuild=True)
             return _load_folder(str(folder), **kw)
         raise
+
+
+def model_id(model) -> str:
+    """The model's Hub id, or its folder's name for a local folder (the embedded model's
+    carries a fingerprint of the GGUF file), so results name the model, not a path."""
+    name = str(getattr(model._module.config, "name_or_path", "") or type(model._module).__name__)
+    return Path(name).name if Path(name).is_dir() else name
+
+
+def last_position_only(model) -> dict:
+    """Trace keyword arguments that make the model compute logits at the last position
+    only, where its forward takes ``logits_to_keep`` (for passes that read no others)."""
+    import inspect
+
+    accepts = "logits_to_keep" in inspect.signature(model._module.forward).parameters
+    return {"logits_to_keep": 1} if accepts else {}

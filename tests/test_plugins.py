@@ -8,7 +8,7 @@ import nnsight_sae
 from nnsight_sae import PluginError, UnknownNameError, hookimpl
 from nnsight_sae.plugins import build_plugin_manager, collect, registry
 
-FIRST_PARTY = {"archs", "saes", "circuits"}
+FIRST_PARTY = {"archs", "saes", "circuits", "features"}
 
 
 def test_first_party_plugins_load_through_entry_points():

@@ -1,21 +1,10 @@
 """Quality bars on the embedded SmolLM2 (slow: minutes on 2 cores). The figures are in the README."""
 
 import json
-import subprocess
-import sys
-import time
 
 import pytest
 
 pytestmark = pytest.mark.slow
-
-
-def train(out, *args):
-    t = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "nnsight_sae", "train", *map(str, args), "--out", str(out)],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    print(f"\n{' '.join(map(str, args))}: {time.perf_counter() - t:.0f}s")
 
 
 def evaluation(folder):
@@ -24,12 +13,8 @@ def evaluation(folder):
     return ev
 
 
-def test_topk_and_relu_on_resid_post_6(tmp_path):
-    # One run, two dictionaries in lockstep on one activation stream. Each dictionary's data order
-    # and initialisation depend only on the seed, so the topk result is the one
-    # `nnsight-sae train --type topk --site resid_post.6 --tokens 300000 --epochs 3 --d-sae 4608` gives.
-    train(tmp_path, "--type", "topk,relu", "--site", "resid_post.6", "--tokens", 300_000, "--epochs", 3,
-          "--d-sae", 4608)
+def test_topk_and_relu_on_resid_post_6(smol_resid6):
+    tmp_path = smol_resid6
     topk = evaluation(tmp_path / "topk-resid_post.6-4608")
     # the bar, from a plain 40-line TopK loop on the same budget: FVU 0.09, +0.16 nats, 0.98 recovered
     assert topk["fvu"] <= 0.12
@@ -42,8 +27,8 @@ def test_topk_and_relu_on_resid_post_6(tmp_path):
     assert relu["l0"] <= 90
 
 
-def test_transcoder_on_layer_6(tmp_path):
-    train(tmp_path / "tc", "--type", "transcoder", "--site", "mlp_in.6", "--tokens", 300_000, "--epochs", 3,
+def test_transcoder_on_layer_6(tmp_path, train_cli):
+    train_cli(tmp_path / "tc", "--type", "transcoder", "--site", "mlp_in.6", "--tokens", 300_000, "--epochs", 3,
           "--d-sae", 4608)
     tc = evaluation(tmp_path / "tc")
     # measured: L0 72, FVU 0.386, CE +0.024 with the MLP replaced, recovered 0.852 against a zeroed MLP

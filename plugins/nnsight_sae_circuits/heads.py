@@ -5,21 +5,11 @@ from __future__ import annotations
 import torch
 
 from nnsight_sae import n_layers, resolve_site
+from nnsight_sae.models import last_position_only
 
 
 def _encode(model, texts):
     return model.tokenizer(texts, return_tensors="pt", padding=True)
-
-
-def _last_only(model) -> dict:
-    """Trace keyword arguments that make the model compute logits at the last position
-    only (every pass here reads no others), where its forward takes ``logits_to_keep``."""
-    import inspect
-
-    from nnsight_sae.sites import torch_module
-
-    accepts = "logits_to_keep" in inspect.signature(torch_module(model).forward).parameters
-    return {"logits_to_keep": 1} if accepts else {}
 
 
 @torch.no_grad()
@@ -33,7 +23,7 @@ def head_outputs(model, texts: list[str], *, reduce: str = "mean", batch_size: i
         enc = _encode(model, texts[start:start + batch_size])
         mask = enc.attention_mask.float()
         saved = []
-        with model.trace(dict(enc), **_last_only(model)):
+        with model.trace(dict(enc), **last_position_only(model)):
             for site in sites:
                 heads = site.read()  # (b, p, H, d)
                 if reduce == "last":
@@ -49,7 +39,7 @@ def head_outputs(model, texts: list[str], *, reduce: str = "mean", batch_size: i
 def last_logits(model, texts: list[str], batch_size: int = 16) -> torch.Tensor:
     chunks = []
     for start in range(0, len(texts), batch_size):
-        with model.trace(dict(_encode(model, texts[start:start + batch_size])), **_last_only(model)):
+        with model.trace(dict(_encode(model, texts[start:start + batch_size])), **last_position_only(model)):
             chunks.append(model.output.logits[:, -1].float().cpu().save())
     return torch.cat(chunks)
 
@@ -79,7 +69,7 @@ def negative_means(model, prompts, neg=None, *, batch_size: int = 16) -> list[to
         mask = neg.attention_mask[rows][..., None].float()
         zs = []  # filled inside the trace (its body runs apart from this frame)
         with model.trace({"input_ids": neg.input_ids[rows], "attention_mask": neg.attention_mask[rows]},
-                         **_last_only(model)):
+                         **last_position_only(model)):
             for site in sites:
                 zs.append(site.envoy.input.save())
         batch = [(z.float().cpu() * mask).sum(0) for z in zs]
@@ -115,7 +105,7 @@ def mean_ablation_effects(model, task, prompts, *, batch_size: int = 16, rows_pe
     effects = torch.zeros(L, H)
     layers = [resolve_site(model, f"resid_post.{layer}") for layer in range(L)]
     resid = []  # the clean residual after each layer: patched passes skip the layers before the head's
-    with model.trace(dict(pos), **_last_only(model)):
+    with model.trace(dict(pos), **last_position_only(model)):
         for site in layers:
             resid.append(site.read().save())
     n, per_pass = len(prompts), max(1, rows_per_pass // H)
@@ -127,7 +117,7 @@ def mean_ablation_effects(model, task, prompts, *, batch_size: int = 16, rows_pe
             ids = pos.input_ids[idx].repeat(H, 1)
             mask = pos.attention_mask[idx].repeat(H, 1)
             which = torch.eye(H, dtype=torch.bool).repeat_interleave(len(idx), dim=0)  # copy h ablates head h
-            with model.trace({"input_ids": ids, "attention_mask": mask}, **_last_only(model)):
+            with model.trace({"input_ids": ids, "attention_mask": mask}, **last_position_only(model)):
                 if layer > 0:
                     before = resid[layer - 1][idx].repeat(H, 1, 1)
                     for skipped in layers[:layer]:  # only the last one's output is used downstream
@@ -154,7 +144,7 @@ def keep_only_metric(model, task, prompts, keep: torch.Tensor, means=None, *, ba
         idx = list(range(start, min(len(prompts), start + batch_size)))
         real = pos.attention_mask[idx].bool()
         with model.trace({"input_ids": pos.input_ids[idx], "attention_mask": pos.attention_mask[idx]},
-                         **_last_only(model)):
+                         **last_position_only(model)):
             for layer, site in enumerate(sites):
                 ablate = (~keep[layer])[None].expand(len(idx), -1)
                 site.envoy.input = _ablate(site.envoy.input, means[layer], ablate, real)
@@ -178,7 +168,7 @@ def attribution_effects(model, task, prompts, *, batch_size: int = 16) -> torch.
         idx = list(range(start, min(len(prompts), start + batch_size)))
         enc = {"input_ids": pos.input_ids[idx], "attention_mask": pos.attention_mask[idx]}
         zs, grads = [], []
-        with model.trace(enc, **_last_only(model)):
+        with model.trace(enc, **last_position_only(model)):
             for site in sites:
                 zs.append(site.envoy.input.save())
             metric = task.metric(model.output.logits[:, -1].float(), prompts.subset(idx)).sum()

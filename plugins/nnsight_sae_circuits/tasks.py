@@ -35,18 +35,26 @@ class TaskPrompts:
     answers: list[int] = field(default_factory=list)
     wrong: list[int | None] = field(default_factory=list)
     extra: list[dict] = field(default_factory=list)  # per-prompt data a metric needs
+    # the positive prompt with the answer changed (IOI: another indirect object), for feature patching;
+    # empty where the task has none
+    counterfactual: list[str] = field(default_factory=list)
     skipped: int = 0
 
-    def add(self, tokenizer, positive: str, negative: str, answer: int | None, wrong: int | None = None) -> None:
-        """Keep a pair if its answer is one token and both prompts have the same token
+    def add(self, tokenizer, positive: str, negative: str, answer: int | None, wrong: int | None = None,
+            counterfactual: str | None = None) -> None:
+        """Keep a pair if its answer is one token and its prompts have the same token
         length (patching needs aligned positions); otherwise count it as skipped."""
-        if answer is None or not _same_length(tokenizer, positive, negative):
+        same = _same_length(tokenizer, positive, negative) and (
+            counterfactual is None or _same_length(tokenizer, positive, counterfactual))
+        if answer is None or not same:
             self.skipped += 1
             return
         self.positive.append(positive)
         self.negative.append(negative)
         self.answers.append(answer)
         self.wrong.append(wrong)
+        if counterfactual is not None:
+            self.counterfactual.append(counterfactual)
 
     def __len__(self):
         return len(self.positive)
@@ -54,7 +62,7 @@ class TaskPrompts:
     def subset(self, index):
         pick = lambda xs: [xs[i] for i in index] if xs else xs  # noqa: E731
         return TaskPrompts(pick(self.positive), pick(self.negative), pick(self.answers), pick(self.wrong),
-                           pick(self.extra), self.skipped)
+                           pick(self.extra), pick(self.counterfactual), self.skipped)
 
 
 SPLITS = ("train", "heldout")
@@ -136,7 +144,8 @@ IOI_TEMPLATES = {
 
 class IOITask(Task):
     """Indirect object identification: "When Mary and John went to the store, John gave a drink to" ->
-    " Mary". Negatives name three distinct people (no repeated subject). Metric: logit(IO) - logit(S)."""
+    " Mary". Negatives name three distinct people (no repeated subject); counterfactuals name
+    another indirect object ("When Lucy and John ..."). Metric: logit(IO) - logit(S)."""
 
     name = "ioi"
     help = "indirect object identification (ABBA/BABA templates); metric logit(IO) - logit(S)"
@@ -156,7 +165,9 @@ class IOITask(Task):
                       place=place, obj=obj)
             q = _fill(template, first=(s if baba else io), second=(io if baba else s), repeat=c,
                       place=place, obj=obj)
-            out.add(tokenizer, p, q, single_token(tokenizer, " " + io), single_token(tokenizer, " " + s))
+            cf = _fill(template, first=(s if baba else c), second=(c if baba else s), repeat=s,
+                       place=place, obj=obj)
+            out.add(tokenizer, p, q, single_token(tokenizer, " " + io), single_token(tokenizer, " " + s), cf)
         return out
 
     def metric(self, logits, prompts: TaskPrompts):
@@ -185,7 +196,8 @@ class GreaterThanTask(Task):
     SmolLM2-style tokenizers split years into digits, so the answer is the next
     digit. Metric: probability on digits greater than the start year's tens digit
     minus probability on smaller ones. Negatives start at year XX01 (every
-    continuation counts as greater, so the comparison carries no signal)."""
+    continuation counts as greater, so the comparison carries no signal); they are
+    also the counterfactuals for feature patching."""
 
     name = "greater-than"
     help = "years: P(tens digit > start) - P(< start); negatives start at XX01"
@@ -208,7 +220,7 @@ class GreaterThanTask(Task):
             ans.append(digits[min(9, tens + 1)])
             wrong.append(None)
             extra.append({"tens": tens, "digits": digits})
-        return TaskPrompts(pos, neg, ans, wrong, extra)
+        return TaskPrompts(pos, neg, ans, wrong, extra, counterfactual=list(neg))
 
     def metric(self, logits, prompts: TaskPrompts):
         digits = torch.tensor(prompts.extra[0]["digits"], device=logits.device)
@@ -266,8 +278,9 @@ class DocstringTask(Task):
 
 class FileTask(Task):
     """Any JSONL task file: one object per line with prompt, answer, negative,
-    negative_answer and optional wrong. Metric: logit(answer) - logit(wrong) where
-    wrong is given, else log p(answer)."""
+    negative_answer and optional wrong and counterfactual (for feature patching; on
+    every line or none). Metric: logit(answer) - logit(wrong) where wrong is given,
+    else log p(answer)."""
 
     name = "file"
     help = "a JSONL task file (prompt, answer, negative, negative_answer, wrong?)"
@@ -293,7 +306,9 @@ class FileTask(Task):
             wrong = single_token(tokenizer, row["wrong"]) if row.get("wrong") else None
             if row.get("wrong") and wrong is None:
                 answer = None  # a multi-token "wrong" makes the pair unusable too
-            prompts.add(tokenizer, row["prompt"], row["negative"], answer, wrong)
+            if ("counterfactual" in row) != ("counterfactual" in rows[0]):
+                raise TaskError(f"{self.path} line {i + 1}: give a counterfactual on every line or on none")
+            prompts.add(tokenizer, row["prompt"], row["negative"], answer, wrong, row.get("counterfactual"))
         if len(prompts) < 2:
             raise TaskError(f"{self.path}: only {len(prompts)} usable prompts ({prompts.skipped} skipped: answers "
                             f"must be one token, prompt and negative the same token length)")

@@ -1,0 +1,169 @@
+"""First-party feature analyses (Cunningham et al. 2023): feature patching against PCA,
+causal trees, feature reports. Each works with any dictionary on any supported model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from nnsight_sae import Analysis, hookimpl
+
+from .common import FeatureError, bind, check_features, check_positive, corpus_tokens
+
+
+def _add_corpus(parser, tokens: int, ctx_len: int) -> None:
+    parser.add_argument("--tokens", type=int, default=tokens, help="corpus tokens to read")
+    parser.add_argument("--ctx-len", type=int, default=ctx_len, help="tokens per corpus context")
+    parser.add_argument("--data", help="local .txt/.jsonl/.parquet corpus (default: the embedded stdlib corpus)")
+
+
+class FeaturePatching(Analysis):
+    name = "feature-patching"
+    help = "patch features from counterfactual prompts: KL curve of dictionary features vs PCA directions"
+
+    def add_arguments(self, parser):
+        parser.add_argument("--task", default="ioi", help="a task with counterfactual prompts, or a JSONL file")
+        parser.add_argument("--n-prompts", type=int, default=40)
+        parser.add_argument("--prompts", default="train", choices=["train", "heldout"], help="prompt set")
+        parser.add_argument("--candidates", type=int, default=48,
+                            help="directions of each basis ranked and added (those moving the activation most)")
+        parser.add_argument("--seed", type=int, default=0)
+        _add_corpus(parser, 20_000, 128)
+
+    def run(self, *, model, dictionary, out_dir, options):
+        from nnsight_sae.circuits import get_task
+        from nnsight_sae.models import model_id
+
+        from .patching import feature_patching, plot_curves
+
+        attached = bind(model, dictionary)
+        n_candidates = check_positive("--candidates", options["candidates"])
+        task_name = options["task"]
+        task = get_task(task_name)
+        prompts = task.prompts(model.tokenizer, check_positive("--n-prompts", options["n_prompts"]),
+                               seed=options["seed"], split=options["prompts"])
+        if len(prompts.counterfactual) != len(prompts):
+            raise FeatureError(f"task {task_name!r} has no counterfactual prompts; use ioi or greater-than, or "
+                               f"a task file with a \"counterfactual\" on every line")
+        pca_tokens = corpus_tokens(model, n_tokens=options["tokens"], ctx_len=options["ctx_len"],
+                                   data=options["data"])
+        result = {"task": task_name, "model": model_id(model), "dictionary": dictionary.type_name,
+                  **feature_patching(model, attached, task, prompts, pca_tokens=pca_tokens,
+                                     n_candidates=n_candidates)}
+        plot_curves(result, out_dir / "feature-patching.png")
+        result["plot"] = "feature-patching.png"
+        return result
+
+
+class CausalTree(Analysis):
+    name = "causal-tree"
+    help = "a feature's causal tree: upstream features ranked by the drop when each is ablated"
+
+    def add_arguments(self, parser):
+        parser.add_argument("--feature", type=int, required=True, help="the target feature")
+        parser.add_argument("--upstream", action="append", default=[], metavar="DIR",
+                            help="dictionary one level up (repeat for deeper levels, nearest first); "
+                                 "missing levels: same type and width one layer earlier, found or trained")
+        parser.add_argument("--depth", type=int, default=1, help="levels of upstream features")
+        parser.add_argument("--width", type=int, default=3, help="children per node")
+        parser.add_argument("--contexts", type=int, default=20, help="contexts sampled per node")
+        parser.add_argument("--candidates", type=int, default=256,
+                            help="upstream features ablated per node (the most active; 0 = every active one)")
+        parser.add_argument("--seed", type=int, default=0)
+        _add_corpus(parser, 32_768, 64)
+
+    def run(self, *, model, dictionary, out_dir, options):
+        from nnsight_sae.files import load_dictionary
+        from nnsight_sae.models import model_id
+
+        from .tree import causal_tree, check_chain, plot_tree
+
+        feature = check_features(dictionary, [options["feature"]])[0]
+        depth = check_positive("--depth", options["depth"])
+        width = check_positive("--width", options["width"])
+        n_contexts = check_positive("--contexts", options["contexts"])
+        chain = [bind(model, dictionary)]
+        upstream = [load_dictionary(path) for path in options["upstream"]][:depth]
+        made = []
+        while len(upstream) < depth:
+            d, how = default_upstream(model, upstream[-1] if upstream else dictionary)
+            upstream.append(d)
+            made.append(how)
+        chain += [bind(model, d) for d in upstream]
+        check_chain(chain)
+        tokens = corpus_tokens(model, n_tokens=options["tokens"], ctx_len=options["ctx_len"],
+                               data=options["data"])
+        tree = causal_tree(model, chain, feature, tokens, depth=depth, width=width, n_contexts=n_contexts,
+                           candidates=options["candidates"], seed=options["seed"])
+        plot_tree(tree, out_dir / "causal-tree.png")
+        return {"model": model_id(model), "dictionary": dictionary.type_name, "depth": depth, "width": width,
+                "corpus_tokens": int(tokens.numel()), "upstream_made": made, "plot": "causal-tree.png",
+                "tree": tree}
+
+
+def default_upstream(model, dictionary):
+    """A dictionary of the same type, width and settings one layer before ``dictionary``'s
+    site: found in the cache if made before, else trained on 100k corpus tokens (a minute or
+    two on a CPU). Returns it and a line saying which, also printed."""
+    from nnsight_sae.files import load_dictionary
+    from nnsight_sae.models import cache_dir, model_id
+    from nnsight_sae.pipeline import DataSpec, RunSpec, train_and_evaluate
+    from nnsight_sae.plugins import registry
+    from nnsight_sae.sites import site_layer
+
+    layer = site_layer(dictionary.site)
+    if layer is None or layer < 1:
+        raise FeatureError(f"no layer before {dictionary.site}: pass --upstream DIR with a dictionary at an "
+                           f"earlier site")
+    kind = dictionary.site.split(".")[0]
+    site = f"{kind}.{layer - 1}"
+    cls = registry().get("dictionary_types", dictionary.type_name)
+    hyper = {k: dictionary.cfg[k] for k in cls.defaults if k in dictionary.cfg}
+    settings = hashlib.sha1(json.dumps(hyper, sort_keys=True).encode()).hexdigest()[:8]
+    name = f"{dictionary.type_name}-{site}-{dictionary.d_sae}-{settings}"
+    folder = cache_dir() / "dictionaries" / model_id(model) / name
+    if (folder / "sae_weights.safetensors").exists():
+        how = f"upstream {site}: found {folder}"
+    else:
+        print(f"no dictionary given for {site}: training {name} on 100k corpus tokens into {folder} ...")
+        train_and_evaluate(model, DataSpec(tokens=100_000, eval_tokens=4096),
+                           RunSpec(types=[dictionary.type_name], sites=[site], d_sae=[dictionary.d_sae], hyper=hyper,
+                                   epochs=2), {"lr": 4e-4}, folder)
+        how = f"upstream {site}: trained {folder}"
+    print(how)
+    return load_dictionary(folder), how
+
+
+class FeatureReport(Analysis):
+    name = "feature-report"
+    help = "case studies: top contexts, activation histogram, logits moved; an HTML page and JSON"
+
+    def add_arguments(self, parser):
+        from nnsight_sae.cli import _csv
+
+        parser.add_argument("--features", type=_csv(int), required=True, help="comma-separated feature indices")
+        parser.add_argument("--contexts", type=int, default=10, help="top contexts shown per feature")
+        _add_corpus(parser, 65_536, 128)
+
+    def run(self, *, model, dictionary, out_dir, options):
+        from nnsight_sae.analysis import write_text
+        from nnsight_sae.models import model_id
+
+        from .report import feature_report, render_html
+
+        features = check_features(dictionary, options["features"])
+        attached = bind(model, dictionary)
+        tokens = corpus_tokens(model, n_tokens=options["tokens"], ctx_len=options["ctx_len"],
+                               data=options["data"])
+        report = {"model": model_id(model), "dictionary": dictionary.type_name, "site": dictionary.site,
+                  "corpus_tokens": int(tokens.numel()),
+                  **feature_report(model, attached, tokens, features,
+                                   n_contexts=check_positive("--contexts", options["contexts"]))}
+        write_text(out_dir / "feature-report.html", render_html(report))
+        report["page"] = "feature-report.html"
+        return report
+
+
+@hookimpl
+def nnsight_sae_analyses():
+    return [FeaturePatching(), CausalTree(), FeatureReport()]

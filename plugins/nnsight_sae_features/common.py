@@ -1,0 +1,151 @@
+"""What the feature analyses share: checks on their input, corpus contexts and
+feature activations read through a dictionary's site."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from nnsight_sae import attach
+from nnsight_sae.corpus import contexts, load_corpus
+from nnsight_sae.errors import NnsightSaeError
+from nnsight_sae.models import model_id
+from nnsight_sae.sites import architecture_of, resolve_site, site_layer
+
+
+class FeatureError(NnsightSaeError, ValueError):
+    """Bad input to a feature analysis: a feature out of range, a dictionary made
+    for another model, a feature that never fires, a zero depth or width."""
+
+
+def bind(model, dictionary):
+    """``attach`` after checking the dictionary was trained on this model (by name:
+    Hub id, or folder name for local folders; dictionaries that name no model pass)."""
+    trained_on = dictionary.cfg.get("model")
+    if trained_on and Path(str(trained_on)).name != model_id(model):
+        raise FeatureError(f"the dictionary was trained on {trained_on!r}, not on {model_id(model)!r}; "
+                           f"pass the model it was made for with --model")
+    return attach(model, dictionary)
+
+
+def check_features(dictionary, features) -> list[int]:
+    """The feature indices as ints, each checked against the dictionary's width."""
+    if not features or any(f is None for f in features):
+        raise FeatureError("no feature given (--feature N, or --features A,B for a report)")
+    features = [int(f) for f in features]
+    for f in features:
+        if not 0 <= f < dictionary.d_sae:
+            raise FeatureError(f"feature {f} is out of range: this dictionary has features 0..{dictionary.d_sae - 1}")
+    return features
+
+
+def check_positive(name: str, value: int) -> int:
+    if value < 1:
+        raise FeatureError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def corpus_tokens(model, *, n_tokens: int, ctx_len: int, data: str | None = None) -> torch.Tensor:
+    """(n, ctx_len) contexts from the corpus (the embedded stdlib corpus unless ``data`` names a file)."""
+    return contexts(load_corpus(data=data), model.tokenizer, ctx_len, n_tokens)
+
+
+@torch.no_grad()
+def feature_activations(model, attached, tokens: torch.Tensor, features: list[int], *, batch_size: int = 16,
+                        desc: str = "features") -> torch.Tensor:
+    """(n, ctx_len, len(features)) activations of the given features on each token; the
+    forward stops at the dictionary's site. The first position (BOS / attention sink) is 0."""
+    index = torch.tensor(features)
+    out = []
+    for start in tqdm(range(0, len(tokens), batch_size), desc=desc, leave=False):
+        ids = tokens[start:start + batch_size]
+        with model.trace({"input_ids": ids, "attention_mask": torch.ones_like(ids)}) as tracer:
+            x = attached.site.read().save()
+            tracer.stop()
+        acts = attached.dictionary.encode(x)[..., index.to(x.device)].float().cpu()
+        acts[:, 0] = 0
+        out.append(acts)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def run_with_additions(model, enc: dict, site, make_delta, n_sets: int, read, *, batch_size: int = 256,
+                       stop: bool = False, skip=None, desc: str = "", **trace_kw) -> list[torch.Tensor]:
+    """For k in range(n_sets): run the prompts with ``make_delta(k)`` (n, p, d) added to the
+    site's activation and return ``read(repeats)`` (called inside the trace, after the write,
+    with the batch holding the prompts ``repeats`` times) on CPU, split per set.
+    Several sets share one forward pass (the prompts repeated once per set); stop=True ends
+    the forward pass after the read; skip from ``clean_prefix`` starts it at the site's layer."""
+    n = len(enc["input_ids"])
+    per_pass = max(1, batch_size // n)
+    out = []
+    for start in tqdm(range(0, n_sets, per_pass), desc=desc, leave=False, disable=not desc):
+        ks = range(start, min(n_sets, start + per_pass))
+        batch = {key: value.repeat(len(ks), 1) for key, value in enc.items()}
+        delta = torch.cat([make_delta(k) for k in ks])
+        with model.trace(batch, **trace_kw) as tracer:
+            if skip is not None:
+                layers, before = skip
+                for layer in layers:  # only the last one's output is read downstream
+                    layer.envoy.skip(before.repeat(len(ks), 1, 1))
+            x = site.read()
+            site.write(x + delta.to(x.device, x.dtype))
+            value = read(len(ks)).save()
+            if stop:
+                tracer.stop()
+        out.extend(value.float().cpu().reshape(len(ks), n, *value.shape[1:]).unbind(0))
+    return out
+
+
+def prefix_batch(tokens: torch.Tensor, rows: list[int], positions: list[int], pad_id: int) -> dict:
+    """Contexts ``tokens[r, :p + 1]`` padded on the right into one batch: each keeps the
+    positions (and so the activations) it has in the full context."""
+    ids = torch.full((len(rows), max(positions) + 1), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (r, p) in enumerate(zip(rows, positions)):
+        ids[i, :p + 1] = tokens[r, :p + 1]
+        mask[i, :p + 1] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@torch.no_grad()
+def site_codes(model, attached, enc: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature activations (n, p, d_sae) on real positions (0 on padding) and decoder
+    directions (d_sae, d_out), both on CPU in float32; the forward stops at the site."""
+    with model.trace(enc) as tracer:
+        x = attached.site.read().save()
+        tracer.stop()
+    directions = attached.dictionary.decoder_directions().detach()
+    codes = attached.dictionary.encode(x.to(directions.device, directions.dtype)).float().cpu()
+    return codes * enc["attention_mask"][..., None], directions.float().cpu()
+
+
+def ablation_deltas(attached, codes: torch.Tensor, directions: torch.Tensor, features: list[int | None]):
+    """make_delta for ``run_with_additions`` and the site to add it at: set k removes
+    feature ``features[k]``'s decoder contribution everywhere (None: the clean run).
+    A transcoder's features are removed where its output goes."""
+    def make_delta(k):
+        j = features[k]
+        if j is None:
+            return torch.zeros(*codes.shape[:2], directions.shape[1])
+        return -codes[..., j, None] * directions[j]
+
+    return make_delta, attached.out_site or attached.site
+
+
+@torch.no_grad()
+def clean_prefix(model, site, enc: dict):
+    """``skip`` for ``run_with_additions``: the layers before the site's layer and their clean
+    output on these prompts, so patched passes replay it instead of recomputing it (changes at
+    the site cannot reach earlier layers). None where that cannot be done (a raw site, layer 0,
+    or a family whose ``resid_post`` is not a layer's output)."""
+    layer = site_layer(site.name)
+    if not layer or architecture_of(model).resid_post != ":output":
+        return None
+    layers = [resolve_site(model, f"resid_post.{i}") for i in range(layer)]
+    with model.trace(enc) as tracer:
+        before = layers[-1].read().save()
+        tracer.stop()
+    return layers, before

@@ -1,0 +1,265 @@
+"""Feature analyses on tiny models: feature patching against PCA, causal trees, feature
+reports, their files and their bad-input errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nnsight_sae import SiteError, attach, create_dictionary, load_dictionary, run_analysis, save_dictionary
+from nnsight_sae.testing import WORDS, tiny_prompts
+from nnsight_sae_features.common import FeatureError
+
+
+def random_dictionary(site, *, type_name="topk", d_in=32, d_sae=64, seed=0, **cfg):
+    if type_name == "topk":
+        cfg.setdefault("k", 8)
+    d = create_dictionary(type_name, d_in=d_in, d_sae=d_sae, site=site, **cfg)
+    d.reset_parameters(seed)
+    return d
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Word-level text the tiny tokenizer reads one token per word."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(tiny_prompts(n=200, length=40, seed=1)))
+    return str(path)
+
+
+@pytest.fixture
+def counterfactual_task(tmp_path):
+    """The answer is the word before the repeated one; the counterfactual changes that word."""
+    rows = []
+    for i in range(5, 29):
+        rows.append({"prompt": f"w{i} w{i + 1} w{i + 2} w{i + 1}", "answer": f" w{i}",
+                     "negative": f"w{i} w{i + 1} w{i + 2} w{i + 3}", "wrong": f" w{i + 2}",
+                     "counterfactual": f"w{i + 40} w{i + 1} w{i + 2} w{i + 1}"})
+    path = tmp_path / "cf.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+def test_feature_patching_curves(tiny_models, counterfactual_task, corpus, tmp_path):
+    model = tiny_models("llama")
+    d = random_dictionary("resid_post.1")
+    out = tmp_path / "fp"
+    r = run_analysis("feature-patching", model=model, dictionary=d, out_dir=out, task=counterfactual_task,
+                     n_prompts=16, candidates=6, data=corpus, tokens=2000, ctx_len=40)
+    assert json.loads((out / "feature-patching.json").read_text()) == r
+    assert (out / "feature-patching.png").stat().st_size > 5000
+    assert r["n_prompts"] == 16 and r["kl_unpatched"] > 0
+    for name in ("sae", "pca"):
+        shared, per_prompt = r[name]["shared"], r[name]["per_prompt"]
+        assert shared["n"] == per_prompt["n"] == [1, 2, 3, 4, 5, 6]
+        assert len(shared["kl"]) == len(per_prompt["kl"]) == 6 and len(set(shared["order"])) == 6
+        assert shared["kl_alone"] == sorted(shared["kl_alone"])  # greedy order: best alone first
+        # the first point patches the same single direction as the best "alone" run
+        assert shared["kl"][0] == pytest.approx(shared["kl_alone"][0], rel=1e-4, abs=1e-6)
+        # each prompt's own best direction does at least as well on average as one shared
+        assert per_prompt["kl"][0] <= shared["kl"][0] + 1e-6
+    # every principal direction patched turns the base activation into the counterfactual's: KL 0
+    assert r["pca"]["kl_all_directions"] == pytest.approx(0, abs=1e-5)
+    assert r["sae"]["kl_all_directions"] > 1e-4  # a random dictionary's error terms differ
+
+
+def test_feature_patching_patch_is_the_papers_formula(tiny_models, counterfactual_task):
+    """x' = x + sum_j (c_cf_j - c_base_j) f_j, checked against the dictionary by hand."""
+    from nnsight_sae.circuits import get_task
+    from nnsight_sae_features.patching import Basis, read_site
+
+    model = tiny_models("llama")
+    att = attach(model, random_dictionary("resid_post.1"))
+    prompts = get_task(counterfactual_task).prompts(model.tokenizer, 4)
+    enc = {k: dict(model.tokenizer(p, return_tensors="pt", padding=True))
+           for k, p in (("base", prompts.positive), ("cf", prompts.counterfactual))}
+    x_base, _ = read_site(model, att.site, enc["base"])
+    x_cf, _ = read_site(model, att.site, enc["cf"])
+    d = att.dictionary
+    with torch.no_grad():
+        basis = Basis("sae", d.encode(x_base), d.encode(x_cf), d.decoder_directions())
+        by_hand = sum((d.encode(x_cf)[..., j] - d.encode(x_base)[..., j])[..., None] * d.W_dec[j] for j in (3, 7))
+        torch.testing.assert_close(basis.patch(torch.tensor([[3, 7]]).expand(4, 2)), by_hand)
+        # per prompt: prompt 0 patches feature 3, the others feature 7
+        mixed = basis.patch(torch.tensor([[3], [7], [7], [7]]))
+        one = lambda j: (d.encode(x_cf)[..., j] - d.encode(x_base)[..., j])[..., None] * d.W_dec[j]  # noqa: E731
+        torch.testing.assert_close(mixed[0], one(3)[0])
+        torch.testing.assert_close(mixed[1:], one(7)[1:])
+
+
+def test_feature_patching_bad_input(tiny_models, tmp_path, counterfactual_task):
+    model = tiny_models("llama")
+    d = random_dictionary("resid_post.1")
+    with pytest.raises(FeatureError, match="no counterfactual prompts"):
+        run_analysis("feature-patching", model=model, dictionary=d, out_dir=tmp_path, task="docstring")
+    rows = [json.loads(line) for line in open(counterfactual_task)]
+    del rows[3]["counterfactual"]
+    bad = tmp_path / "half.jsonl"
+    bad.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(Exception, match="counterfactual on every line or on none"):
+        run_analysis("feature-patching", model=model, dictionary=d, out_dir=tmp_path, task=str(bad))
+    with pytest.raises(FeatureError, match="--candidates must be at least 1, got 0"):
+        run_analysis("feature-patching", model=model, dictionary=d, out_dir=tmp_path, task=counterfactual_task,
+                     candidates=0)
+    other = random_dictionary("resid_post.1")
+    other.cfg["model"] = "HuggingFaceTB/SmolLM2-135M"
+    with pytest.raises(FeatureError, match="trained on 'HuggingFaceTB/SmolLM2-135M'"):
+        run_analysis("feature-patching", model=model, dictionary=other, out_dir=tmp_path, task=counterfactual_task)
+    with pytest.raises(SiteError, match="layer 7 out of range; this model has layers 0..2"):
+        run_analysis("feature-patching", model=model, dictionary=random_dictionary("resid_post.7"),
+                     out_dir=tmp_path, task=counterfactual_task)
+    assert not (tmp_path / "feature-patching.json").exists()
+
+
+def test_causal_tree_drops_match_ablation_by_hand(tiny_models, corpus, tmp_path):
+    from nnsight_sae_features.common import corpus_tokens
+    from nnsight_sae_features.tree import ablation_drops, firing_contexts
+
+    model = tiny_models("llama")
+    target = attach(model, random_dictionary("resid_post.2", seed=1))
+    upstream = attach(model, random_dictionary("resid_post.1", seed=2))
+    tokens = corpus_tokens(model, n_tokens=2000, ctx_len=40, data=corpus)
+    feature = 5
+    ctx = firing_contexts(model, target, tokens, feature, n_contexts=6)
+    assert len(ctx["positions"]) == 6
+    assert (ctx["activations"] >= ctx["max"] / 2).all()
+    keep, clean, drops, strongest = ablation_drops(model, target, upstream, ctx, feature, candidates=10,
+                                                   batch_size=24)
+    assert len(strongest) == 10
+    assert len(keep) == 10 and drops.shape == (10, 6)
+    torch.testing.assert_close(clean, ctx["activations"], rtol=1e-4, atol=1e-5)  # right padding changes nothing
+    # by hand: the upstream feature ablated with splice (error term kept), one trace
+    rows = torch.arange(6)
+    for k in (0, 4):
+        with torch.no_grad(), model.trace(ctx["enc"]):
+            upstream.splice(ablate=[keep[k]])
+            after = target.features()[rows, ctx["positions"], feature].save()
+        torch.testing.assert_close(drops[k], clean - after, rtol=1e-4, atol=1e-5)
+
+
+def test_causal_tree_analysis(tiny_models, corpus, tmp_path):
+    model = tiny_models("llama")
+    chain = [random_dictionary(f"resid_post.{layer}", seed=layer) for layer in (2, 1, 0)]
+    folders = []
+    for i, d in enumerate(chain[1:]):
+        folders.append(save_dictionary(d, tmp_path / f"up{i}"))
+    out = tmp_path / "tree"
+    r = run_analysis("causal-tree", model=model, dictionary=chain[0], out_dir=out, feature=5,
+                     upstream=[str(f) for f in folders], depth=2, width=2, contexts=5, candidates=12,
+                     data=corpus, tokens=2000, ctx_len=40)
+    assert (out / "causal-tree.png").stat().st_size > 5000
+    tree = r["tree"]
+    assert tree["feature"] == 5 and tree["site"] == "resid_post.2" and tree["upstream_site"] == "resid_post.1"
+    drops = [e["drop"] for e in tree["ranking"]]
+    assert drops == sorted(drops, reverse=True) and len(drops) == 10
+    assert [c["feature"] for c in tree["children"]] == [e["feature"] for e in tree["ranking"][:2]]
+    for child in tree["children"]:  # depth 2: each child explained by the next dictionary up
+        assert child["site"] == "resid_post.1" and child["upstream_site"] == "resid_post.0"
+        assert len(child["children"]) == 2 and "children" not in child["children"][0]
+    assert r["upstream_made"] == []
+
+
+def test_causal_tree_bad_input(tiny_models, corpus, tmp_path):
+    model = tiny_models("llama")
+    target = random_dictionary("resid_post.1")
+    before = save_dictionary(random_dictionary("resid_post.0"), tmp_path / "before")
+    after = save_dictionary(random_dictionary("resid_post.2"), tmp_path / "after")
+    common = dict(model=model, dictionary=target, out_dir=tmp_path / "t", data=corpus, tokens=2000, ctx_len=40)
+    with pytest.raises(FeatureError, match="feature 64 is out of range: this dictionary has features 0..63"):
+        run_analysis("causal-tree", feature=64, upstream=[str(before)], **common)
+    with pytest.raises(FeatureError, match="--depth must be at least 1, got 0"):
+        run_analysis("causal-tree", feature=1, upstream=[str(before)], depth=0, **common)
+    with pytest.raises(FeatureError, match="--width must be at least 1, got 0"):
+        run_analysis("causal-tree", feature=1, upstream=[str(before)], width=0, **common)
+    with pytest.raises(FeatureError, match="resid_post.2 is not before resid_post.1"):
+        run_analysis("causal-tree", feature=1, upstream=[str(after)], **common)
+    dead = random_dictionary("resid_post.1", type_name="relu")
+    with torch.no_grad():
+        dead.W_enc[:, 9] = 0
+        dead.b_enc[9] = -1
+    with pytest.raises(FeatureError, match="feature 9 .* never fires on 2,000 corpus tokens"):
+        run_analysis("causal-tree", feature=9, upstream=[str(before)], **{**common, "dictionary": dead})
+    with pytest.raises(FeatureError, match="no layer before resid_post.0"):
+        run_analysis("causal-tree", feature=1, **{**common, "dictionary": random_dictionary("resid_post.0")})
+
+
+def test_feature_report(tiny_models, corpus, tmp_path):
+    model = tiny_models("gpt2")
+    d = random_dictionary("resid_post.1")
+    out = tmp_path / "report"
+    r = run_analysis("feature-report", model=model, dictionary=d, out_dir=out, features=[3, 11], contexts=4,
+                     data=corpus, tokens=2000, ctx_len=40)
+    page = (out / "feature-report.html").read_text()
+    assert json.loads((out / "feature-report.json").read_text()) == r
+    assert [e["feature"] for e in r["features"]] == [3, 11]
+    for e in r["features"]:
+        assert len(e["contexts"]) == 4
+        tops = [c["activation"] for c in e["contexts"]]
+        assert tops == sorted(tops, reverse=True) and tops[0] == e["max_activation"]
+        for c in e["contexts"]:
+            assert c["activations"][c["max_position"]] == c["activation"] == max(c["activations"])
+            assert all(t in WORDS for t in c["tokens"])
+        assert sum(e["histogram"]["counts"]) == round(e["frequency"] * e["tokens_read"])
+        assert len(e["ablation"]["lowered"]) == 10 and len(e["direct_logits"]["raised"]) == 10
+        assert f'id="feature-{e["feature"]}"' in page
+        top = e["contexts"][0]
+        assert f'class="tok max" style="background: rgba(255, 140, 0, 1.00)" title="{top["activation"]:.3f}">' \
+               f'{top["tokens"][top["max_position"]]}</span>' in page
+    assert "<script" not in page and "http" not in page  # self-contained
+
+
+def test_direct_logits_match_the_model(tiny_models):
+    """Decoder direction x final-norm weight x unembedding, against the model's own modules."""
+    from nnsight_sae.sites import torch_module
+    from nnsight_sae_features.report import direct_logits
+
+    model = tiny_models("llama")
+    att = attach(model, random_dictionary("resid_post.1"))
+    root = torch_module(model)
+    expected = root.lm_head.weight @ (root.model.norm.weight * att.dictionary.W_dec[4])
+    torch.testing.assert_close(direct_logits(model, att, 4), expected.detach())
+    mlp_in = attach(model, random_dictionary("mlp_in.1"))
+    assert direct_logits(model, mlp_in, 4) is None
+
+
+def test_cli_lists_and_runs_the_feature_analyses(tiny_models, corpus, tmp_path):
+    model = tiny_models("llama")
+    folder = save_dictionary(random_dictionary("resid_post.1"), tmp_path / "d")
+    info = subprocess.run([sys.executable, "-m", "nnsight_sae", "info"], capture_output=True, text=True)
+    names = json.loads(info.stdout)["analyses"]
+    assert {"feature-patching", "causal-tree", "feature-report"} <= set(names)
+    model_dir = torch_folder(model)
+    cmd = [sys.executable, "-m", "nnsight_sae", "analyze", "feature-report", "--dict", str(folder),
+           "--model", model_dir, "--features", "1,2", "--data", corpus, "--tokens", "2000", "--ctx-len", "40",
+           "--out", str(tmp_path / "out")]
+    ok = subprocess.run(cmd, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert (tmp_path / "out" / "feature-report.html").exists()
+    bad = subprocess.run(cmd[:-6] + ["--features", "1,99", "--data", corpus, "--out", str(tmp_path / "bad")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "nnsight-sae analyze: error: feature 99 is out of range: this dictionary has features 0..63"]
+    assert not (tmp_path / "bad").exists()
+
+
+def torch_folder(model) -> str:
+    return model._module.config.name_or_path
+
+
+def test_causal_tree_finds_or_trains_its_upstream_dictionary(tiny_models, corpus, tmp_path, capsys):
+    model = tiny_models("llama")
+    target = random_dictionary("resid_post.1")
+    common = dict(model=model, dictionary=target, feature=5, contexts=4, candidates=8, data=corpus, tokens=2000,
+                  ctx_len=40)
+    first = run_analysis("causal-tree", out_dir=tmp_path / "a", **common)
+    assert "training topk-resid_post.0-64-" in capsys.readouterr().out
+    (how,) = first["upstream_made"]
+    assert how.startswith("upstream resid_post.0: trained ")
+    folder = how.split("trained ")[1]
+    assert load_dictionary(folder).site == "resid_post.0" and load_dictionary(folder).d_sae == 64
+    second = run_analysis("causal-tree", out_dir=tmp_path / "b", **common)
+    assert second["upstream_made"] == [f"upstream resid_post.0: found {folder}"]
+    assert second["tree"]["ranking"] == first["tree"]["ranking"]

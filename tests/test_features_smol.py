@@ -1,0 +1,152 @@
+"""Feature analyses on the embedded SmolLM2 with the quality bars' TopK SAE on resid_post.6
+(slow: minutes on 2 cores). The figures are in the README."""
+
+import html
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from nnsight_sae import attach, load_dictionary, run_analysis
+from nnsight_sae_features.common import corpus_tokens, site_codes
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def topk6(smol_resid6):
+    """The quality bars' TopK SAE on resid_post.6 (d_sae 4608, k 32, 300k tokens x 3 epochs)."""
+    return smol_resid6 / "topk-resid_post.6-4608"
+
+
+@pytest.fixture(scope="module")
+def paren_feature(smol, topk6):
+    """The resid_post.6 feature whose activation mass lies most on tokens holding '(' (among
+    features firing on at least 20 of them), on 16k corpus tokens."""
+    att = attach(smol, load_dictionary(topk6))
+    vocab = len(smol.tokenizer)
+    has_paren = torch.tensor(["(" in smol.tokenizer.decode([i]) for i in range(vocab)])
+    tokens = corpus_tokens(smol, n_tokens=16_384, ctx_len=64)
+    on_paren = total = fires = 0
+    for start in range(0, len(tokens), 32):
+        ids = tokens[start:start + 32]
+        codes, _ = site_codes(smol, att, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        codes[:, 0] = 0
+        paren = has_paren[ids]
+        on_paren = on_paren + codes[paren].sum(0)
+        total = total + codes.sum((0, 1))
+        fires = fires + (codes[paren] > 0).sum(0)
+    purity = torch.where(fires >= 20, on_paren / total.clamp_min(1e-9), torch.zeros(()))
+    feature = int(purity.argmax())
+    print(f"\n'(' feature: {feature}, {100 * float(purity[feature]):.1f}% of its activation on '(' tokens")
+    return feature
+
+
+def feature_patching(smol, topk6, out, task, n_prompts, candidates):
+    r = run_analysis("feature-patching", model=smol, dictionary=load_dictionary(topk6), out_dir=out, task=task,
+                     n_prompts=n_prompts, candidates=candidates)
+    print(f"\n{task}:", json.dumps({k: r[k] for k in ("kl_unpatched", "metric_base", "metric_counterfactual",
+                                                       "seconds")}))
+    for name in ("sae", "pca"):
+        for key in ("shared", "per_prompt"):
+            c = r[name][key]
+            print(name, key, "KL at 1/8/16/last:", [c["kl"][i] for i in (0, 7, 15, -1)], c["directions_needed"])
+        print(name, "every direction:", r[name]["kl_all_directions"], "shift reproduced:", r[name]["shift_captured"])
+    # every principal direction patched gives the counterfactual activation itself
+    assert r["pca"]["kl_all_directions"] == pytest.approx(0, abs=1e-3)
+    assert r["pca"]["shift_captured"] == pytest.approx(1, abs=1e-4)
+    assert (out / "feature-patching.png").stat().st_size > 20_000
+    return r
+
+
+def test_feature_patching_on_greater_than(smol, topk6, tmp_path):
+    """The paper's claim holds here when each prompt ranks its own features (measured: KL halved
+    with 19 features vs 27 principal directions); with one ranking shared by all prompts PCA
+    needs fewer (22 vs 32). Both are in the README."""
+    r = feature_patching(smol, topk6, tmp_path, "greater-than", 24, 32)
+    sae, pca = r["sae"]["per_prompt"], r["pca"]["per_prompt"]
+    assert sae["directions_needed"]["0.5"] is not None
+    assert pca["directions_needed"]["0.5"] is None or sae["directions_needed"]["0.5"] < pca["directions_needed"]["0.5"]
+    assert sae["kl"][-1] < pca["kl"][-1]
+
+
+def test_feature_patching_on_ioi(smol, topk6, tmp_path):
+    """On IOI the paper's claim does not hold on this model and corpus: PCA halves the KL with fewer
+    directions, because the SAE (trained on Python source and docs, few personal names) reproduces
+    under half of the activation's shift when the indirect object's name changes; the rest is in its
+    error term, so even every feature patched leaves about half the KL (README). What we assert:
+    the SAE's features do carry part of the name swap."""
+    r = feature_patching(smol, topk6, tmp_path, "ioi", 16, 24)
+    sae = r["sae"]["per_prompt"]
+    assert r["kl_unpatched"] > 1  # the swap moves the prediction
+    assert sae["kl"][15] <= 0.8 * r["kl_unpatched"]  # 16 features per prompt remove at least a fifth of it
+    assert r["sae"]["kl_all_directions"] < r["kl_unpatched"]
+
+
+def test_causal_tree_of_a_paren_feature(smol, topk6, paren_feature, tmp_path, capsys):
+    """Without --upstream the tree trains a TopK SAE on resid_post.5 (100k tokens) and says so."""
+    target = load_dictionary(topk6)
+    r = run_analysis("causal-tree", model=smol, dictionary=target, out_dir=tmp_path, feature=paren_feature,
+                     depth=1, width=3, contexts=20, candidates=128)
+    assert "upstream resid_post.5: trained" in capsys.readouterr().out
+    tree = r["tree"]
+    print(json.dumps({k: tree[k] for k in ("feature", "max_activation", "mean_activation", "top_tokens", "ranking")}))
+    assert "(" in tree["top_tokens"][0]
+    drops = [e["drop"] for e in tree["ranking"]]
+    assert drops == sorted(drops, reverse=True)
+    top = tree["ranking"][0]
+    assert top["drop_fraction"] >= 0.15  # non-trivial; measured figures in the README
+    # the top drop, by hand: that upstream feature ablated with splice on the same contexts
+    from nnsight_sae_features.tree import firing_contexts
+
+    upstream = load_dictionary(r["upstream_made"][0].split("trained ")[1])
+    t_att, u_att = attach(smol, target), attach(smol, upstream)
+    ctx = firing_contexts(smol, t_att, corpus_tokens(smol, n_tokens=32_768, ctx_len=64), paren_feature,
+                          n_contexts=20)
+    rows = torch.arange(len(ctx["positions"]))
+    with torch.no_grad(), smol.trace(ctx["enc"]):
+        clean = t_att.features()[rows, ctx["positions"], paren_feature].save()
+    with torch.no_grad(), smol.trace(ctx["enc"]):
+        u_att.splice(ablate=[top["feature"]])
+        after = t_att.features()[rows, ctx["positions"], paren_feature].save()
+    assert float((clean - after).mean()) == pytest.approx(top["drop"], rel=1e-3, abs=1e-3)
+    assert (tmp_path / "causal-tree.png").stat().st_size > 10_000
+
+
+def chromium_render(page, out):
+    """Headless Chromium: a screenshot of the page (PNG) and its rendered DOM."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("needs Debian's chromium (`apt-get install chromium`; .ci/run installs it)")
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={out / 'profile'}", "--window-size=1200,1400"]
+    shot = out / "page.png"
+    subprocess.run(flags + [f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120, check=True)
+    dom = subprocess.run(flags + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    return shot, dom
+
+
+def test_feature_report_renders_in_chromium(smol, topk6, paren_feature, tmp_path):
+    import matplotlib.image
+
+    r = run_analysis("feature-report", model=smol, dictionary=load_dictionary(topk6), out_dir=tmp_path,
+                     features=[paren_feature], contexts=10, tokens=32_768)
+    e = r["features"][0]
+    top_tokens = [c["tokens"][c["max_position"]] for c in e["contexts"]]
+    print(json.dumps({"feature": paren_feature, "top_tokens": top_tokens, "max": e["max_activation"],
+                      "frequency": e["frequency"], "ablation_lowered": e["ablation"]["lowered"][:5],
+                      "direct": e["direct_logits"]["raised"][:5]}))
+    assert sum("(" in t for t in top_tokens) >= 8  # the class it was picked for
+    shot, dom = chromium_render(tmp_path / "feature-report.html", tmp_path)
+    for token in top_tokens:  # each rendered as the highlighted token of a context line
+        shown = html.escape(token.replace("\n", "\u21b5"), quote=False)
+        assert re.search(r'class="tok max"[^>]*>' + re.escape(shown) + "</span>", dom)
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    orange = (pixels[..., 0] > 0.9) & (abs(pixels[..., 1] - 0.55) < 0.08) & (pixels[..., 2] < 0.15)
+    assert int(orange.sum()) >= 200  # the fully lit top tokens are on screen
+    assert (pixels.mean() < 0.99) and (pixels.std() > 0.05)  # not a blank page
