@@ -59,16 +59,30 @@ def main():
     print(f"  {int((last != 0).sum())} features active at the last token; strongest: "
           + ", ".join(f"#{i} ({v:.1f})" for v, i in zip(top.values.tolist(), top.indices.tolist())))
     print(f"\ndictionary, eval.json: {folder}")
-    report(model, sae, top.indices.tolist()[:3])
+    report(model, att, last)
     ioi_circuit(model)
 
 
-def report(model, sae, features):
-    """Case studies of the features strongest at the IOI prompt's last token: an HTML page."""
+def report(model, att, last):
+    """Case studies of the strongest features at the IOI prompt's last token that are not dense
+    (firing on under 5% of corpus tokens): an HTML page."""
+    from nnsight_sae.corpus import contexts, load_corpus
+
+    last = last.detach()
+    active = last.nonzero().flatten()
+    tokens = contexts(load_corpus(), model.tokenizer, 128, 8192)
+    fires = torch.zeros(len(active))
+    for batch in tokens.split(16):
+        with torch.no_grad(), model.trace({"input_ids": batch}) as tracer:
+            f = att.features()[:, 1:, active].save()
+            tracer.stop()
+        fires += (f > 0).float().sum((0, 1)).cpu()
+    sparse = [(float(last[i]), int(i)) for i, n in zip(active, fires) if n < 0.05 * tokens[:, 1:].numel()]
+    features = [i for _, i in sorted(sparse, reverse=True)[:3]]
     out = OUT / "feature-report"
-    r = ns.run_analysis("feature-report", model=model, dictionary=sae, out_dir=out, features=features,
+    r = ns.run_analysis("feature-report", model=model, dictionary=att.dictionary, out_dir=out, features=features,
                         contexts=8, tokens=32_768)
-    print("\nwhat those features read and write (32k corpus tokens):")
+    print(f"\nthe strongest of them that fire on under 5% of tokens, {features}, on 32k corpus tokens:")
     for e in r["features"]:
         tokens = [c["tokens"][c["max_position"]] for c in e["contexts"][:5]]
         promoted = [t["token"] for t in e["ablation"]["lowered"][:5]] if "ablation" in e else []
