@@ -34,6 +34,13 @@ def cmd_analyze(args) -> int:
 _COMMON = {"command", "func", "analysis", "dict", "model", "out"}
 
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default in --help, except where there is none."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def _csv(kind):
     def parse(text):
         try:
@@ -280,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, entry in sorted(registry().analyses.items()):
         if getattr(entry.obj, "circuit_method", False):
             continue  # run through `circuit --method NAME`
-        a = analyses.add_parser(name, help=entry.obj.help)
+        a = analyses.add_parser(name, help=entry.obj.help, formatter_class=_ShowDefaults)
         a.add_argument("--dict", required=True, help="dictionary folder (cfg.json + sae_weights.safetensors)")
         a.add_argument("--out", required=True, help="output folder")
         _add_model(a)

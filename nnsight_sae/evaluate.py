@@ -7,6 +7,7 @@ from tqdm.auto import tqdm
 
 from .attach import attach
 from .dictionary import Dictionary
+from .errors import DictionaryError
 from .harvest import forward_order
 from .traced import at_positions
 
@@ -139,3 +140,55 @@ def evaluate(model, dictionaries: list[Dictionary], tokens: torch.Tensor, *,
         bar.update(len(ids))
     bar.close()
     return [ac.result(ce_clean / n_tokens, n_tokens) for ac in acc]
+
+
+@torch.no_grad()
+def replacement_ce(model, transcoders: list[Dictionary], tokens: torch.Tensor, *, error: bool = False,
+                   attention_mask: torch.Tensor | None = None, batch_size: int = 8, drop_bos: bool = False,
+                   progress: bool = True) -> dict:
+    """Next-token CE of the replacement model: every given transcoder replaces its MLP in the
+    same forward pass, against the clean model.
+
+    error=False: the MLPs' own compute is skipped (families with one MLP module) and each
+    transcoder's prediction is written instead; error=True runs them and keeps each
+    transcoder's error term, so the logits equal the clean ones to float tolerance.
+    drop_bos=True leaves each context's first position unreplaced, as ``evaluate`` does
+    (the MLPs then run). Returns ce_clean, ce_replaced, ce_increase, kl (per token), the
+    replaced sites and the token count.
+    """
+    attached = [attach(model, d) for d in transcoders]
+    for a in attached:
+        if a.out_site is None:
+            raise DictionaryError(f"{a.dictionary.type_name} at {a.site.name} is not a transcoder: "
+                                  f"only transcoders replace MLPs")
+    names = [a.site.name for a in attached]
+    if len(set(names)) != len(names):
+        raise DictionaryError(f"two transcoders read the same site: {', '.join(names)}")
+    order = forward_order(names)
+    attached.sort(key=lambda a: order.index(a.site.name))  # replaced in forward order within the trace
+    if attention_mask is None:
+        attention_mask = torch.ones_like(tokens)
+    totals = {"clean": 0.0, "replaced": 0.0, "kl": 0.0, "n": 0}
+    for start in tqdm(range(0, len(tokens), batch_size), desc="replacement model", disable=not progress,
+                      leave=False):
+        ids, mask = tokens[start:start + batch_size], attention_mask[start:start + batch_size]
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        where = None
+        if drop_bos:
+            where = mask.bool().clone()
+            where[:, 0] = False
+        with model.trace(inputs):
+            clean = model.output.logits.save()
+        with model.trace(inputs):
+            for a in attached:
+                a.replace_mlp(error=error, mask=where)
+            replaced = model.output.logits.save()
+        ce, n = _next_token_ce(clean, ids, mask)
+        totals["clean"] += ce
+        totals["replaced"] += _next_token_ce(replaced, ids, mask)[0]
+        totals["kl"] += _kl(clean, replaced, ids, mask)
+        totals["n"] += n
+    n = totals["n"]
+    return {"replaced": [a.site.name for a in attached], "error_terms": error, "n_tokens": n,
+            "ce_clean": totals["clean"] / n, "ce_replaced": totals["replaced"] / n,
+            "ce_increase": (totals["replaced"] - totals["clean"]) / n, "kl": totals["kl"] / n}

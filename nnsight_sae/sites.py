@@ -42,6 +42,7 @@ class ArchitectureMap:
     embed: str
     unembed: str
     final_norm: str | None = None
+    mlp_norm: str | None = None  # the norm before the MLP, relative to the layer (None: post-norm or unknown)
     o_proj_layout: str = "linear"  # "linear" (d_out, d_in) or "conv1d" (d_in, d_out)
     help: str = ""
 

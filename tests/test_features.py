@@ -203,6 +203,7 @@ def test_feature_report(tiny_models, corpus, tmp_path):
             assert all(t in WORDS for t in c["tokens"])
         assert sum(e["histogram"]["counts"]) == round(e["frequency"] * e["tokens_read"])
         assert len(e["ablation"]["lowered"]) == 10 and len(e["direct_logits"]["raised"]) == 10
+        assert len(e["de_embedding"]["raised"]) == 10
         assert f'id="feature-{e["feature"]}"' in page
         top = e["contexts"][0]
         assert f'class="tok max" style="background: rgba(255, 140, 0, 1.00)" title="{top["activation"]:.3f}">' \
@@ -229,7 +230,7 @@ def test_cli_lists_and_runs_the_feature_analyses(tiny_models, corpus, tmp_path):
     folder = save_dictionary(random_dictionary("resid_post.1"), tmp_path / "d")
     info = subprocess.run([sys.executable, "-m", "nnsight_sae", "info"], capture_output=True, text=True)
     names = json.loads(info.stdout)["analyses"]
-    assert {"feature-patching", "causal-tree", "feature-report"} <= set(names)
+    assert {"feature-patching", "causal-tree", "feature-report", "de-embed"} <= set(names)
     model_dir = torch_folder(model)
     cmd = [sys.executable, "-m", "nnsight_sae", "analyze", "feature-report", "--dict", str(folder),
            "--model", model_dir, "--features", "1,2", "--data", corpus, "--tokens", "2000", "--ctx-len", "40",
@@ -263,3 +264,55 @@ def test_causal_tree_finds_or_trains_its_upstream_dictionary(tiny_models, corpus
     second = run_analysis("causal-tree", out_dir=tmp_path / "b", **common)
     assert second["upstream_made"] == [f"upstream resid_post.0: found {folder}"]
     assert second["tree"]["ranking"] == first["tree"]["ranking"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral", "gpt_neox", "gemma2", "gemma3"])
+def test_mlp_norm_feeds_mlp_in(tiny_models, family):
+    """The map's mlp_norm is the norm whose output is the mlp_in site."""
+    from nnsight_sae import resolve_site
+    from nnsight_sae.sites import architecture_of, envoy_at, join_path
+
+    model = tiny_models(family)
+    arch = architecture_of(model)
+    norm = envoy_at(model, join_path(arch.layers, "1", arch.mlp_norm))
+    with torch.no_grad(), model.trace(tiny_prompts(2, 6)):
+        normed = norm.output.save()
+        mlp_in = resolve_site(model, "mlp_in.1").read().save()
+    torch.testing.assert_close(normed, mlp_in)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "gemma2", "gemma3"])  # no absolute position embeddings
+def test_de_embedding_is_the_encoder_on_layer_0_input(tiny_models, family):
+    """For a dictionary on resid_pre.0, token t's de-embedding is its pre-activation on the model's
+    own layer-0 input for the one-token text t (Gemma's scaled embeddings included)."""
+    from nnsight_sae import resolve_site
+    from nnsight_sae_features.deembed import de_embedding
+
+    model = tiny_models(family)
+    d = random_dictionary("resid_pre.0")
+    scores = de_embedding(model, d, [3, 9])
+    assert scores.shape == (2, len(model.tokenizer))
+    ids = torch.tensor([[17], [42]])
+    with torch.no_grad(), model.trace({"input_ids": ids, "attention_mask": torch.ones_like(ids)}):
+        x = resolve_site(model, "resid_pre.0").read().save()
+    with torch.no_grad():
+        expected = d.pre_acts(x[:, 0])[:, [3, 9]]
+    torch.testing.assert_close(scores[:, [17, 42]].T, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_de_embedding_ranks_the_token_a_transcoder_feature_reads(tiny_models, tmp_path):
+    from nnsight_sae.sites import architecture_of, submodule, torch_module
+
+    model = tiny_models("llama")
+    tc = create_dictionary("transcoder", d_in=32, d_sae=64, site="mlp_in.1", out_site="mlp_out.1")
+    tc.reset_parameters(0)
+    root, arch = torch_module(model), architecture_of(model)
+    with torch.no_grad():
+        normed = submodule(root, f"{arch.layers}.1.{arch.mlp_norm}")(root.model.embed_tokens.weight)
+        tc.W_enc[:, 7] = normed[55] / normed[55].norm()  # feature 7 reads token 55's normed embedding
+    r = run_analysis("de-embed", model=model, dictionary=tc, out_dir=tmp_path, features=[7], top=5)
+    assert r["features"][0]["raised"][0]["token"] == WORDS[55]
+    assert len(r["features"][0]["raised"]) == 5 and (tmp_path / "de-embed.json").exists()
+    with pytest.raises(FeatureError, match="mlp_out.1 is neither"):
+        run_analysis("de-embed", model=model, dictionary=random_dictionary("mlp_out.1"), out_dir=tmp_path,
+                     features=[1])

@@ -17,6 +17,7 @@ LLAMA = ArchitectureMap(
     embed="model.embed_tokens",
     unembed="lm_head",
     final_norm="model.norm",
+    mlp_norm="post_attention_layernorm",
 )
 
 # Gemma 2/3 norm the attention and MLP outputs again before the residual add;
@@ -36,6 +37,7 @@ GEMMA = ArchitectureMap(
     embed="model.embed_tokens",
     unembed="lm_head",
     final_norm="model.norm",
+    mlp_norm="pre_feedforward_layernorm",
 )
 
 GPT2 = ArchitectureMap(
@@ -54,6 +56,7 @@ GPT2 = ArchitectureMap(
     embed="transformer.wte",
     unembed="lm_head",
     final_norm="transformer.ln_f",
+    mlp_norm="ln_2",
 )
 
 # Pythia: attention and MLP read the same residual (parallel residual).
@@ -72,6 +75,7 @@ GPT_NEOX = ArchitectureMap(
     embed="gpt_neox.embed_in",
     unembed="lm_head",
     final_norm="gpt_neox.final_layer_norm",
+    mlp_norm="post_attention_layernorm",
 )
 
 # BERT is post-norm: attn_out and mlp_out are the dense projections' outputs,

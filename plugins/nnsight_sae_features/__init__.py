@@ -23,11 +23,11 @@ class FeaturePatching(Analysis):
 
     def add_arguments(self, parser):
         parser.add_argument("--task", default="ioi", help="a task with counterfactual prompts, or a JSONL file")
-        parser.add_argument("--n-prompts", type=int, default=40)
+        parser.add_argument("--n-prompts", type=int, default=40, help="base / counterfactual prompt pairs")
         parser.add_argument("--prompts", default="train", choices=["train", "heldout"], help="prompt set")
         parser.add_argument("--candidates", type=int, default=48,
                             help="directions of each basis ranked and added (those moving the activation most)")
-        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--seed", type=int, default=0, help="prompt sampling seed")
         _add_corpus(parser, 20_000, 128)
 
     def run(self, *, model, dictionary, out_dir, options):
@@ -69,7 +69,7 @@ class CausalTree(Analysis):
         parser.add_argument("--contexts", type=int, default=20, help="contexts sampled per node")
         parser.add_argument("--candidates", type=int, default=256,
                             help="upstream features ablated per node (the most active; 0 = every active one)")
-        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--seed", type=int, default=0, help="context sampling seed")
         _add_corpus(parser, 32_768, 64)
 
     def run(self, *, model, dictionary, out_dir, options):
@@ -164,6 +164,30 @@ class FeatureReport(Analysis):
         return report
 
 
+class DeEmbed(Analysis):
+    name = "de-embed"
+    help = "the vocabulary tokens that most excite a feature with no context (embedding x encoder)"
+
+    def add_arguments(self, parser):
+        from nnsight_sae.cli import _csv
+
+        parser.add_argument("--features", type=_csv(int), required=True, help="comma-separated feature indices")
+        parser.add_argument("--top", type=int, default=20, help="tokens listed per feature, each end")
+
+    def run(self, *, model, dictionary, out_dir, options):
+        from nnsight_sae.models import model_id
+
+        from .deembed import de_embedding
+        from .report import top_tokens
+
+        features = check_features(dictionary, options["features"])
+        bind(model, dictionary)
+        scores = de_embedding(model, dictionary, features)
+        k = min(check_positive("--top", options["top"]), scores.shape[1])
+        return {"model": model_id(model), "dictionary": dictionary.type_name, "site": dictionary.site,
+                "features": [{"feature": f, **top_tokens(model.tokenizer, row, k)} for f, row in zip(features, scores)]}
+
+
 @hookimpl
 def nnsight_sae_analyses():
-    return [FeaturePatching(), CausalTree(), FeatureReport()]
+    return [FeaturePatching(), CausalTree(), FeatureReport(), DeEmbed()]

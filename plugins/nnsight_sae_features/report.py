@@ -2,7 +2,8 @@
 feature fire and what it does, as JSON and one self-contained HTML page.
 
 Input side: the corpus contexts where the feature is strongest, with every
-token's activation, and the histogram of its non-zero activations. Output side:
+token's activation, the histogram of its non-zero activations, and its
+de-embedding (the tokens that excite it most with no context, see ``deembed``). Output side:
 (1) the next-token log-probabilities that move most when the feature is ablated
 at its top contexts (x -> x - c d at every position, error term kept; averaged
 over the contexts, at the strongest position), and (2) its decoder direction
@@ -18,14 +19,16 @@ import torch
 
 from nnsight_sae.sites import architecture_of, submodule, torch_module
 
-from .common import ablation_deltas, feature_activations, prefix_batch, run_with_additions, site_codes
+from .common import FeatureError, ablation_deltas, feature_activations, prefix_batch, run_with_additions, site_codes
+from .deembed import de_embedding
 
 
 def _text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
-def _top_tokens(tokenizer, values: torch.Tensor, k: int) -> dict:
+def top_tokens(tokenizer, values: torch.Tensor, k: int) -> dict:
+    """The k tokens with the largest values (raised) and the k with the smallest (lowered)."""
     up, down = values.topk(k), (-values).topk(k)
     return {"raised": [{"token": _text(tokenizer, i), "value": round(float(v), 4)}
                        for v, i in zip(up.values, up.indices.tolist())],
@@ -72,6 +75,10 @@ def feature_report(model, attached, tokens: torch.Tensor, features: list[int], *
     """The report's data for each feature (see the module docstring)."""
     tok = model.tokenizer
     acts = feature_activations(model, attached, tokens, features, desc="feature activations")
+    try:
+        embedding = de_embedding(model, attached.dictionary, features)
+    except FeatureError:  # a site the direct path from the embeddings does not reach
+        embedding = None
     out = []
     for i, f in enumerate(features):
         a = acts[..., i]
@@ -94,11 +101,13 @@ def feature_report(model, attached, tokens: torch.Tensor, features: list[int], *
                 "tokens": [_text(tok, tokens[r, j].item()) for j in span],
                 "activations": [round(float(a[r, j]), 4) for j in span]})
         if order:
-            entry["ablation"] = _top_tokens(tok, ablation_effect(model, attached, tokens, order,
+            entry["ablation"] = top_tokens(tok, ablation_effect(model, attached, tokens, order,
                                                                  [int(where[r]) for r in order], f), n_tokens)
         logits = direct_logits(model, attached, f)
         if logits is not None:
-            entry["direct_logits"] = _top_tokens(tok, logits, n_tokens)
+            entry["direct_logits"] = top_tokens(tok, logits, n_tokens)
+        if embedding is not None:
+            entry["de_embedding"] = top_tokens(tok, embedding[i], n_tokens)
         out.append(entry)
     return {"features": out}
 
@@ -163,6 +172,8 @@ def render_html(report: dict) -> str:
         if "ablation" in e:
             tables.append(_token_table("ablated: log-prob lowered", e["ablation"]["lowered"]))
             tables.append(_token_table("ablated: log-prob raised", e["ablation"]["raised"]))
+        if "de_embedding" in e:
+            tables.append(_token_table("de-embedding: excite most (no context)", e["de_embedding"]["raised"]))
         if "direct_logits" in e:
             tables.append(_token_table("decoder x unembedding: top", e["direct_logits"]["raised"]))
             tables.append(_token_table("decoder x unembedding: bottom", e["direct_logits"]["lowered"]))
