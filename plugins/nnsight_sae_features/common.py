@@ -21,10 +21,11 @@ class FeatureError(NnsightSaeError, ValueError):
 
 
 def bind(model, dictionary):
-    """``attach`` after checking the dictionary was trained on this model (by name:
-    Hub id, or folder name for local folders; dictionaries that name no model pass)."""
+    """``attach`` after checking the dictionary was trained on this model, by the last part of
+    its name (so "gpt2" matches "openai-community/gpt2", and a local folder its name);
+    dictionaries that name no model pass."""
     trained_on = dictionary.cfg.get("model")
-    if trained_on and Path(str(trained_on)).name != model_id(model):
+    if trained_on and Path(str(trained_on)).name != Path(model_id(model)).name:
         raise FeatureError(f"the dictionary was trained on {trained_on!r}, not on {model_id(model)!r}; "
                            f"pass the model it was made for with --model")
     return attach(model, dictionary)
