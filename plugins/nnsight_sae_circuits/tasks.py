@@ -36,25 +36,24 @@ class TaskPrompts:
     wrong: list[int | None] = field(default_factory=list)
     extra: list[dict] = field(default_factory=list)  # per-prompt data a metric needs
     # the positive prompt with the answer changed (IOI: another indirect object), for feature patching;
-    # empty where the task has none
-    counterfactual: list[str] = field(default_factory=list)
+    # None where a pair has none (or one of another token length)
+    counterfactual: list[str | None] = field(default_factory=list)
     skipped: int = 0
 
     def add(self, tokenizer, positive: str, negative: str, answer: int | None, wrong: int | None = None,
             counterfactual: str | None = None) -> None:
-        """Keep a pair if its answer is one token and its prompts have the same token
-        length (patching needs aligned positions); otherwise count it as skipped."""
-        same = _same_length(tokenizer, positive, negative) and (
-            counterfactual is None or _same_length(tokenizer, positive, counterfactual))
-        if answer is None or not same:
+        """Keep a pair if its answer is one token and both prompts have the same token
+        length (patching needs aligned positions); otherwise count it as skipped. A
+        counterfactual of another length is dropped (None), not the pair."""
+        if answer is None or not _same_length(tokenizer, positive, negative):
             self.skipped += 1
             return
         self.positive.append(positive)
         self.negative.append(negative)
         self.answers.append(answer)
         self.wrong.append(wrong)
-        if counterfactual is not None:
-            self.counterfactual.append(counterfactual)
+        aligned = counterfactual is not None and _same_length(tokenizer, positive, counterfactual)
+        self.counterfactual.append(counterfactual if aligned else None)
 
     def __len__(self):
         return len(self.positive)

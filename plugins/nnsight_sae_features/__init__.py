@@ -23,7 +23,8 @@ class FeaturePatching(Analysis):
 
     def add_arguments(self, parser):
         parser.add_argument("--task", default="ioi", help="a task with counterfactual prompts, or a JSONL file")
-        parser.add_argument("--n-prompts", type=int, default=40, help="base / counterfactual prompt pairs")
+        parser.add_argument("--n-prompts", type=int, default=40,
+                            help="prompt pairs made; those whose counterfactual has another token length are left out")
         parser.add_argument("--prompts", default="train", choices=["train", "heldout"], help="prompt set")
         parser.add_argument("--candidates", type=int, default=48,
                             help="directions of each basis ranked and added (those moving the activation most)")
@@ -42,9 +43,11 @@ class FeaturePatching(Analysis):
         task = get_task(task_name)
         prompts = task.prompts(model.tokenizer, check_positive("--n-prompts", options["n_prompts"]),
                                seed=options["seed"], split=options["prompts"])
-        if len(prompts.counterfactual) != len(prompts):
+        usable = [i for i, cf in enumerate(prompts.counterfactual) if cf is not None]
+        if not usable:
             raise FeatureError(f"task {task_name!r} has no counterfactual prompts; use ioi or greater-than, or "
                                f"a task file with a \"counterfactual\" on every line")
+        prompts = prompts.subset(usable)  # pairs whose counterfactual has the prompt's token length
         pca_tokens = corpus_tokens(model, n_tokens=options["tokens"], ctx_len=options["ctx_len"],
                                    data=options["data"])
         result = {"task": task_name, "model": model_id(model), "dictionary": dictionary.type_name,
