@@ -7,6 +7,7 @@ import hashlib
 import json
 
 from nnsight_sae import Analysis, hookimpl
+from nnsight_sae.models import model_id
 
 from .common import FeatureError, bind, check_features, check_positive, corpus_tokens
 
@@ -15,6 +16,11 @@ def _add_corpus(parser, tokens: int, ctx_len: int) -> None:
     parser.add_argument("--tokens", type=int, default=tokens, help="corpus tokens to read")
     parser.add_argument("--ctx-len", type=int, default=ctx_len, help="tokens per corpus context")
     parser.add_argument("--data", help="local .txt/.jsonl/.parquet corpus (default: the embedded stdlib corpus)")
+
+
+def _corpus(model, options):
+    """The corpus contexts the options from ``_add_corpus`` ask for."""
+    return corpus_tokens(model, n_tokens=options["tokens"], ctx_len=options["ctx_len"], data=options["data"])
 
 
 class FeaturePatching(Analysis):
@@ -33,7 +39,6 @@ class FeaturePatching(Analysis):
 
     def run(self, *, model, dictionary, out_dir, options):
         from nnsight_sae.circuits import get_task
-        from nnsight_sae.models import model_id
 
         from .patching import feature_patching, plot_curves
 
@@ -48,8 +53,7 @@ class FeaturePatching(Analysis):
             raise FeatureError(f"task {task_name!r} has no counterfactual prompts; use ioi or greater-than, or "
                                f"a task file with a \"counterfactual\" on every line")
         prompts = prompts.subset(usable)  # pairs whose counterfactual has the prompt's token length
-        pca_tokens = corpus_tokens(model, n_tokens=options["tokens"], ctx_len=options["ctx_len"],
-                                   data=options["data"])
+        pca_tokens = _corpus(model, options)
         result = {"task": task_name, "model": model_id(model), "dictionary": dictionary.type_name,
                   **feature_patching(model, attached, task, prompts, pca_tokens=pca_tokens,
                                      n_candidates=n_candidates)}
@@ -77,7 +81,6 @@ class CausalTree(Analysis):
 
     def run(self, *, model, dictionary, out_dir, options):
         from nnsight_sae.files import load_dictionary
-        from nnsight_sae.models import model_id
 
         from .tree import causal_tree, check_chain, plot_tree
 
@@ -94,8 +97,7 @@ class CausalTree(Analysis):
             made.append(how)
         chain += [bind(model, d) for d in upstream]
         check_chain(chain)
-        tokens = corpus_tokens(model, n_tokens=options["tokens"], ctx_len=options["ctx_len"],
-                               data=options["data"])
+        tokens = _corpus(model, options)
         tree = causal_tree(model, chain, feature, tokens, depth=depth, width=width, n_contexts=n_contexts,
                            candidates=options["candidates"], seed=options["seed"])
         plot_tree(tree, out_dir / "causal-tree.png")
@@ -109,7 +111,7 @@ def default_upstream(model, dictionary):
     site: found in the cache if made before, else trained on 100k corpus tokens (a minute or
     two on a CPU). Returns it and a line saying which, also printed."""
     from nnsight_sae.files import load_dictionary
-    from nnsight_sae.models import cache_dir, model_id
+    from nnsight_sae.models import cache_dir
     from nnsight_sae.pipeline import DataSpec, RunSpec, train_and_evaluate
     from nnsight_sae.plugins import registry
     from nnsight_sae.sites import site_layer
@@ -150,14 +152,12 @@ class FeatureReport(Analysis):
 
     def run(self, *, model, dictionary, out_dir, options):
         from nnsight_sae.analysis import write_text
-        from nnsight_sae.models import model_id
 
         from .report import feature_report, render_html
 
         features = check_features(dictionary, options["features"])
         attached = bind(model, dictionary)
-        tokens = corpus_tokens(model, n_tokens=options["tokens"], ctx_len=options["ctx_len"],
-                               data=options["data"])
+        tokens = _corpus(model, options)
         report = {"model": model_id(model), "dictionary": dictionary.type_name, "site": dictionary.site,
                   "corpus_tokens": int(tokens.numel()),
                   **feature_report(model, attached, tokens, features,
@@ -178,8 +178,6 @@ class DeEmbed(Analysis):
         parser.add_argument("--top", type=int, default=20, help="tokens listed per feature, each end")
 
     def run(self, *, model, dictionary, out_dir, options):
-        from nnsight_sae.models import model_id
-
         from .deembed import de_embedding
         from .report import top_tokens
 
