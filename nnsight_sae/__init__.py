@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .errors import (DictionaryError, ModelLoadError, NnsightSaeError, PluginError, SiteError,
+from .errors import (DictionaryError, ModelLoadError, NnsightSaeError, PluginError, RemoteError, SiteError,
                      UnknownFamilyError, UnknownNameError)
 from .analysis import Analysis, Task, run_analysis
 from .attach import attach
@@ -15,7 +15,7 @@ from .sites import ArchitectureMap, architecture_of, n_layers, resolve_site
 from .traced import Attached, Site
 
 __all__ = [
-    "Analysis", "Task", "run_analysis", "ArchitectureMap", "Attached", "Dictionary", "DictionaryError", "attach", "create_dictionary", "load_dictionary", "save_dictionary", "ModelLoadError", "NnsightSaeError", "PluginError", "Site",
+    "Analysis", "Task", "run_analysis", "ArchitectureMap", "Attached", "Dictionary", "DictionaryError", "attach", "create_dictionary", "load_dictionary", "save_dictionary", "ModelLoadError", "NnsightSaeError", "PluginError", "RemoteError", "Site",
     "SiteError", "UnknownFamilyError", "UnknownNameError", "architecture_of", "hookimpl", "load_model",
     "n_layers", "registry", "resolve_site",
 ]

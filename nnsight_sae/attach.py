@@ -8,11 +8,21 @@ from .sites import architecture_of, envoy_at, join_path, resolve_site, site_laye
 from .traced import Attached
 
 
-def _device(model, site):
-    try:
-        return next(site.envoy._module.parameters()).device
-    except StopIteration:
-        return next(model._module.parameters()).device
+def site_device(model, site) -> "torch.device":
+    """Where the site's activations live: its module's device (a device_map may split the
+    layers across devices). A module accelerate offloads to the CPU (its weights on the meta
+    device) runs on the model's main GPU, so that is where its activations are."""
+    import torch
+
+    for p in site.envoy._module.parameters():
+        if p.device.type != "meta":
+            return p.device
+        placed = set((getattr(model._module, "hf_device_map", None) or {}).values()) - {"cpu", "disk"}
+        if placed:
+            main = min(placed, key=str)
+            return torch.device(f"cuda:{main}" if isinstance(main, int) else main)
+        break
+    return next(p.device for p in model._module.parameters() if p.device.type != "meta")
 
 
 def attach(model, dictionary: Dictionary) -> Attached:
@@ -40,5 +50,5 @@ def attach(model, dictionary: Dictionary) -> Attached:
             if arch.mlp is not None:
                 mlp = envoy_at(model, join_path(arch.layers, str(layer), arch.mlp))
     dtype = next(model._module.parameters()).dtype
-    dictionary.to(device=_device(model, site), dtype=dtype)
+    dictionary.to(device=site_device(model, site), dtype=dtype)
     return Attached(dictionary, site, out_site, mlp)

@@ -18,24 +18,34 @@ class _Stop(Exception):
 
 
 def _interleave(baseline, ours, rounds: int, warmup: int = 2) -> tuple[float, float]:
-    """Total seconds of each over ``rounds`` alternating runs, after warm-up."""
+    """Total seconds of each over ``rounds`` alternating runs, after warm-up (GPU work
+    waited for, so each run's time is its own)."""
+    def timed(fn):
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
     for _ in range(warmup):
-        baseline()
-        ours()
+        timed(baseline)
+        timed(ours)
     tb = to = 0.0
     for _ in range(rounds):
-        t = time.perf_counter()
-        baseline()
-        tb += time.perf_counter() - t
-        t = time.perf_counter()
-        ours()
-        to += time.perf_counter() - t
+        tb += timed(baseline)
+        to += timed(ours)
     return tb, to
 
 
-def _setup(**extra) -> dict:
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "device": "cpu", **extra}
+def _setup(device, **extra) -> dict:
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": f"{device} ({name})",
+            **extra}
+
+
+def _device(model) -> torch.device:
+    return next(model._module.parameters()).device
 
 
 def _tokens(model, batch: int, ctx: int) -> torch.Tensor:
@@ -51,6 +61,7 @@ def bench_harvest(model, out: Path, *, layers=(3, 15), batch=8, ctx=128, rounds=
 
     ids = _tokens(model, batch, ctx)
     mask = torch.ones_like(ids)
+    on_device = {"input_ids": ids.to(_device(model)), "attention_mask": mask.to(_device(model))}
     arch = architecture_of(model)
     results = []
     for layer in layers:
@@ -66,12 +77,12 @@ def bench_harvest(model, out: Path, *, layers=(3, 15), batch=8, ctx=128, rounds=
             handle = module.register_forward_hook(hook)
             try:
                 with torch.no_grad():
-                    torch_module(model)(input_ids=ids, attention_mask=mask)
+                    torch_module(model)(**on_device)
             except _Stop:
                 pass
             finally:
                 handle.remove()
-            got["rows"] = got["x"][mask.bool()].float()
+            got["rows"] = got["x"][on_device["attention_mask"].bool()].float().cpu()
 
         def ours():
             for rows in harvest(model, [site], ids, attention_mask=mask, batch_size=batch, progress=False):
@@ -82,7 +93,7 @@ def bench_harvest(model, out: Path, *, layers=(3, 15), batch=8, ctx=128, rounds=
         n = ids.numel() * rounds
         result = {"what": f"harvest {site}", "ratio": round((n / to) / (n / tb), 4), "ours": round(n / to, 1),
                   "baseline": round(n / tb, 1), "unit": "tokens/s (ratio: ours / baseline, higher is better)",
-                  "setup": _setup(batch=batch, ctx=ctx, rounds=rounds,
+                  "setup": _setup(_device(model), batch=batch, ctx=ctx, rounds=rounds,
                                   baseline="torch forward hook raising to stop at the layer")}
         write_json(out / f"harvest-{site}.json", result)
         results.append(result)
@@ -115,24 +126,28 @@ def bench_splice(model, out: Path, *, layer=15, batch=8, ctx=128, rounds=10, d_s
     result = {"what": f"splice topk d_sae={sae.d_sae} at {site}", "ratio": round(to / tb, 4),
               "ours": round(to / rounds, 4), "baseline": round(tb / rounds, 4),
               "unit": "seconds per trace (ratio: ours / baseline, lower is better)",
-              "setup": _setup(batch=batch, ctx=ctx, rounds=rounds, baseline="the same trace without the SAE")}
+              "setup": _setup(_device(model), batch=batch, ctx=ctx, rounds=rounds,
+                             baseline="the same trace without the SAE")}
     write_json(out / "splice.json", result)
     return [result]
 
 
-def bench_train(out: Path, *, d_in=576, d_sae=4608, k=32, batch=256, steps=30, rounds=3) -> list[dict]:
-    """Training steps/s of our Trainer vs a straightforward TopK loop, same SAE and batch."""
+def bench_train(out: Path, *, d_in=576, d_sae=4608, k=32, batch=256, steps=30, rounds=3, device=None) -> list[dict]:
+    """Training steps/s of our Trainer vs a straightforward TopK loop, same SAE and batch
+    (on the GPU when there is one)."""
     from .plugins import create_dictionary
     from .train import Member, TrainConfig, Trainer
 
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     g = torch.Generator().manual_seed(0)
-    data = [torch.randn(batch, d_in, generator=g) for _ in range(steps)]
-    ours_sae = create_dictionary("topk", d_in=d_in, d_sae=d_sae, site="resid_post.0", k=k)
+    data = [torch.randn(batch, d_in, generator=g).to(device) for _ in range(steps)]
+    ours_sae = create_dictionary("topk", d_in=d_in, d_sae=d_sae, site="resid_post.0", k=k).to(device)
     trainer = Trainer([Member(ours_sae)], TrainConfig(steps=10**9, lr=4e-4))
 
-    W_enc = torch.nn.Parameter(torch.randn(d_in, d_sae) / d_in ** 0.5)
-    W_dec = torch.nn.Parameter(torch.randn(d_sae, d_in) / d_in ** 0.5)
-    b_enc, b_dec = torch.nn.Parameter(torch.zeros(d_sae)), torch.nn.Parameter(torch.zeros(d_in))
+    W_enc = torch.nn.Parameter((torch.randn(d_in, d_sae) / d_in ** 0.5).to(device))
+    W_dec = torch.nn.Parameter((torch.randn(d_sae, d_in) / d_in ** 0.5).to(device))
+    b_enc, b_dec = (torch.nn.Parameter(torch.zeros(d_sae, device=device)),
+                    torch.nn.Parameter(torch.zeros(d_in, device=device)))
     opt = torch.optim.Adam([W_enc, W_dec, b_enc, b_dec], lr=4e-4)
 
     def baseline():
@@ -156,7 +171,7 @@ def bench_train(out: Path, *, d_in=576, d_sae=4608, k=32, batch=256, steps=30, r
     result = {"what": f"train topk d_in={d_in} d_sae={d_sae} k={k} batch={batch}", "ratio": round(tb / to, 4),
               "ours": round(n / to, 2), "baseline": round(n / tb, 2),
               "unit": "steps/s (ratio: ours / baseline, higher is better)",
-              "setup": _setup(steps=steps, rounds=rounds,
+              "setup": _setup(device, steps=steps, rounds=rounds,
                               baseline="a plain TopK loop: encode, top-k, decode, MSE, Adam, renormalise")}
     write_json(out / "train.json", result)
     return [result]
@@ -186,7 +201,7 @@ def bench_circuit(model, out: Path, *, task="ioi", method=None, n_prompts=40, ro
     tb = reference["seconds"]
     result = {"what": f"circuit {task} --method {method}", "ratio": round(tb / to, 2), "ours": round(to, 4),
               "baseline": round(tb, 4), "unit": "seconds (ratio: reference / ours, the speed-up)",
-              "setup": _setup(n_prompts=n_prompts, circuit_runs=len(circuit_seconds),
+              "setup": _setup(_device(model), n_prompts=n_prompts, circuit_runs=len(circuit_seconds),
                               baseline="exhaustive single-head mean ablation (nnsight-sae reference)")}
     write_json(out / f"circuit-{Path(task).name.removesuffix('.jsonl')}.json", result)
     return [result]

@@ -21,17 +21,16 @@ def cmd_info(args) -> int:
 def cmd_analyze(args) -> int:
     from .analysis import run_analysis
     from .files import load_dictionary
-    from .models import load_model
 
     dictionary = load_dictionary(args.dict)  # checked before the model is loaded
-    model = load_model(args.model)
+    model = _load_model(args)
     options = {k: v for k, v in vars(args).items() if k not in _COMMON}
     run_analysis(args.analysis, model=model, dictionary=dictionary, out_dir=args.out, **options)
     print(f"wrote {args.out}/{args.analysis}.json")
     return 0
 
 
-_COMMON = {"command", "func", "analysis", "dict", "model", "out"}
+_COMMON = {"command", "func", "analysis", "dict", "model", "device_map", "remote", "out"}
 
 
 class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -75,7 +74,6 @@ def _fail_if_exists(out, resume=False):
 
 
 def cmd_train(args) -> int:
-    from .models import load_model
     from .pipeline import RunSpec, end_distributed, train_and_evaluate
     from .plugins import registry
 
@@ -84,12 +82,7 @@ def cmd_train(args) -> int:
     if args.tokens <= 0 or args.epochs <= 0 or args.batch_size <= 0:
         raise NnsightSaeError("--tokens, --epochs and --batch-size must be positive")
     _fail_if_exists(args.out, args.resume)
-    import torch
-
-    device_map = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
-        device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # one GPU per data-parallel process
-    model = load_model(args.model, device_map=device_map)
+    model = _load_model(args)
     from .sites import resolve_site
 
     widths = args.d_sae or sorted({args.expansion * resolve_site(model, s).d_in for s in args.site})
@@ -111,7 +104,6 @@ def cmd_bench(args) -> int:
     from . import bench
 
     out = Path(args.out)
-    from .models import load_model
 
     if args.what == "train":
         results = bench.bench_train(out)
@@ -119,9 +111,9 @@ def cmd_bench(args) -> int:
         from .circuits import get_task
 
         get_task(args.task)  # bad input fails before the model loads
-        results = bench.bench_circuit(load_model(args.model), out, task=args.task, method=args.method)
+        results = bench.bench_circuit(_load_model(args), out, task=args.task, method=args.method)
     else:
-        results = (bench.bench_harvest if args.what == "harvest" else bench.bench_splice)(load_model(args.model), out)
+        results = (bench.bench_harvest if args.what == "harvest" else bench.bench_splice)(_load_model(args), out)
     for r in results:
         print(f"{r['what']}: ratio {r['ratio']} (ours {r['ours']}, baseline {r['baseline']} {r['unit']})")
     return 0
@@ -129,14 +121,13 @@ def cmd_bench(args) -> int:
 
 def cmd_circuit(args) -> int:
     from .circuits import circuit_methods, get_task, read_reference, run_circuit
-    from .models import load_model
 
     get_task(args.task)  # bad input fails before the model loads
     if args.method not in circuit_methods():
         raise NnsightSaeError(f"unknown circuit method {args.method!r}; methods: {', '.join(sorted(circuit_methods()))}")
     if args.reference:
         read_reference(args.reference)
-    model = load_model(args.model)
+    model = _load_model(args)
     result = run_circuit(model, args.task, args.out, method=args.method, n_prompts=args.n_prompts,
                          n_train=args.n_train, seed=args.seed, split=args.prompts, reduce=args.reduce,
                          reference=args.reference, faithfulness_k=args.k, curve=args.curve)
@@ -165,12 +156,11 @@ def cmd_circuit(args) -> int:
 
 def cmd_reference(args) -> int:
     from .circuits import get_task, run_reference
-    from .models import load_model
 
     get_task(args.task)
     if args.top <= 0:
         raise NnsightSaeError(f"--top must be positive, not {args.top}")
-    model = load_model(args.model)
+    model = _load_model(args)
     result = run_reference(model, args.task, args.out, n_prompts=args.n_prompts, top=args.top, seed=args.seed,
                            split=args.prompts)
     print(f"{args.task}: reference circuit ({len(result['circuit'])} heads, |effect| >= {result['threshold']:.3f}) "
@@ -182,11 +172,10 @@ def cmd_eval(args) -> int:
     from .analysis import write_json
     from .evaluate import evaluate
     from .files import load_dictionary
-    from .models import load_model
     from .pipeline import token_contexts
 
     dictionary = load_dictionary(args.dict)
-    model = load_model(args.model)
+    model = _load_model(args)
     data = _data_spec(args, eval_tokens=args.tokens)
     result = evaluate(model, [dictionary], token_contexts(model, data, held_out=True), drop_bos=data.drop_bos)[0]
     write_json(Path(args.out) / "eval.json", result)
@@ -195,8 +184,39 @@ def cmd_eval(args) -> int:
 
 
 def _add_model(p):
-    p.add_argument("--model", default=None,
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
                    help="Hugging Face id, local folder or .gguf file (default: the embedded SmolLM2-135M)")
+    g.add_argument("--device-map", type=_device_map, default=None,
+                   help="where the model's layers go: auto, cpu, cuda:N, or a JSON object of module path -> "
+                        "device (default: cuda:0 when there is a GPU, else cpu)")
+    g.add_argument("--remote", nargs="?", const="ndif", choices=["ndif", "local"], default=None,
+                   help="run every trace on NDIF (needs a Hub id and NDIF_API_KEY); 'local' simulates "
+                        "the round trip here")
+
+
+def _device_map(text):
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"--device-map is not valid JSON: {e}")
+    return text
+
+
+def _load_model(args):
+    """The model named by --model, placed by --device-map (default: the GPU when there is
+    one, the CPU otherwise; one GPU per process in a data-parallel run), remote with --remote."""
+    import torch
+
+    from .models import load_model
+
+    device_map = args.device_map
+    if device_map is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
+        device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    remote = {"ndif": True, "local": "local"}.get(args.remote, False)
+    return load_model(args.model, device_map=device_map, remote=remote)
 
 
 def _add_prompts(p):

@@ -30,3 +30,8 @@ class ModelLoadError(NnsightSaeError):
 
 class DictionaryError(NnsightSaeError, ValueError):
     """A dictionary folder or config that is missing, truncated or inconsistent."""
+
+
+class RemoteError(NnsightSaeError):
+    """A trace NDIF would refuse: a request over its size limit, or in-trace code that
+    imports a module outside its allow-list."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import nnsight
 import torch
 from tqdm.auto import tqdm
 
@@ -9,6 +10,7 @@ from .attach import attach
 from .dictionary import Dictionary
 from .errors import DictionaryError
 from .harvest import forward_order
+from .models import trace_options
 from .traced import at_positions
 
 DENSE_FRACTION = 0.1  # a feature firing on more than this fraction of tokens counts as dense
@@ -113,23 +115,23 @@ def evaluate(model, dictionaries: list[Dictionary], tokens: torch.Tensor, *,
         where = mask.bool().clone()
         if drop_bos:
             where[:, 0] = False
-        saved = {}  # filled inside the trace: only objects made outside it survive, besides .save()d ones
-        with model.trace(inputs):
+        with model.trace(inputs, **trace_options(model)):
+            saved = nnsight.save({})  # made and saved inside: only saved values come back from NDIF
             for s in sites:
-                saved[s] = resolved[s].read().save()
+                saved[s] = resolved[s].read()
             clean = model.output.logits.save()
         ce, n = _next_token_ce(clean, ids, mask)
         ce_clean, n_tokens = ce_clean + ce, n_tokens + n
         for a, ac in zip(attached, acc):
             x = saved[a.site.name]
             ac.add_activations(x, saved[a.out_site.name] if a.out_site else x, where.to(x.device))
-            with model.trace(inputs):
+            with model.trace(inputs, **trace_options(model)):
                 if a.out_site is not None:
                     a.replace_mlp(error=False, mask=where)
                 else:
                     a.splice(error=False, mask=where)
                 spliced = model.output.logits.save()
-            with model.trace(inputs):
+            with model.trace(inputs, **trace_options(model)):
                 zero_site = a.out_site or a.site
                 current = zero_site.read()
                 zero_site.write(at_positions(where, torch.zeros_like(current), current))
@@ -177,9 +179,9 @@ def replacement_ce(model, transcoders: list[Dictionary], tokens: torch.Tensor, *
         if drop_bos:
             where = mask.bool().clone()
             where[:, 0] = False
-        with model.trace(inputs):
+        with model.trace(inputs, **trace_options(model)):
             clean = model.output.logits.save()
-        with model.trace(inputs):
+        with model.trace(inputs, **trace_options(model)):
             for a in attached:
                 a.replace_mlp(error=error, mask=where)
             replaced = model.output.logits.save()

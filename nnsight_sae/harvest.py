@@ -18,11 +18,13 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import nnsight
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .errors import NnsightSaeError
+from .models import trace_options
 from .sites import resolve_site, site_layer
 
 # forward order of the named sites inside one layer
@@ -51,10 +53,10 @@ def harvest(model, sites: list[str], tokens: torch.Tensor, *, attention_mask: to
     for start in range(0, len(tokens), batch_size):
         ids = tokens[start:start + batch_size]
         mask = attention_mask[start:start + batch_size]
-        saved = []
-        with torch.no_grad(), model.trace({"input_ids": ids, "attention_mask": mask}) as tracer:
+        with torch.no_grad(), model.trace({"input_ids": ids, "attention_mask": mask}, **trace_options(model)) as tracer:
+            saved = nnsight.save([])  # made and saved inside: only saved values come back from NDIF
             for site in ordered:
-                saved.append(site.read().save())
+                saved.append(site.read())
             tracer.stop()
         keep = mask.bool()
         if drop_bos:

@@ -123,8 +123,8 @@ def _load_folder(folder: str, tokenizer=None, **kw):
                 module = AutoModelForMaskedLM.from_pretrained(folder, **kw)
                 model = TransformersModel(module, task="feature-extraction", tokenizer=tokenizer)
             else:
-                model = TransformersModel(folder, task="text-generation", tokenizer=tokenizer,
-                                          dispatch=True, **kw)
+                kw.setdefault("dispatch", True)
+                model = TransformersModel(folder, task="text-generation", tokenizer=tokenizer, **kw)
     except Exception as e:
         raise ModelLoadError(f"cannot load model {folder!r}: {e}") from e
     if model.tokenizer.pad_token is None:
@@ -156,7 +156,8 @@ def check_device_map(device_map) -> None:
             raise ModelLoadError(f"device_map names {device}: only cpu, cuda:N and disk are supported")
 
 
-def load_model(name: str | os.PathLike | None = None, *, device_map=None, dtype=None, tokenizer=None, **kw):
+def load_model(name: str | os.PathLike | None = None, *, device_map=None, dtype=None, tokenizer=None,
+               remote=False, **kw):
     """An nnsight model ready to trace, with its tokenizer attached.
 
     name: None for the embedded SmolLM2-135M-Instruct; a local folder; a
@@ -164,12 +165,28 @@ def load_model(name: str | os.PathLike | None = None, *, device_map=None, dtype=
     ``dtype``, ``max_memory`` and other keywords pass through to
     transformers/accelerate. The default dtype is float32. ``tokenizer``
     overrides the one loaded from the model folder.
+
+    remote=True runs every trace the library makes on NDIF (a Hub id NDIF hosts and an
+    API key are needed; no weights are loaded here); remote="local" runs them through
+    nnsight's local simulation of the round trip, with NDIF's limits checked.
     """
+    from .remote import check_remote_target, set_remote
+
     check_device_map(device_map)
+    check_remote_target(name, remote, device_map)
     kw["tokenizer"] = tokenizer
     kw["dtype"] = dtype if dtype is not None else torch.float32
     if device_map is not None:
         kw["device_map"] = device_map
+    if remote is True:
+        model = _load_folder(str(name), dispatch=False, **kw)  # a meta model: NDIF holds the weights
+    else:
+        model = _load_local(name, **kw)
+    set_remote(model, remote)
+    return model
+
+
+def _load_local(name, **kw):
     if name is None:
         folder = gguf_to_folder(embedded_gguf_path())
     elif str(name).endswith(".gguf"):
@@ -197,10 +214,16 @@ def model_id(model) -> str:
     return Path(name).name if Path(name).is_dir() else name
 
 
-def last_position_only(model) -> dict:
-    """Trace keyword arguments that make the model compute logits at the last position
-    only, where its forward takes ``logits_to_keep`` (for passes that read no others)."""
+def trace_options(model, *, last_position: bool = False) -> dict:
+    """Keyword arguments for every ``model.trace`` the library makes: the remote backend
+    when the model was loaded with ``remote=``, and with ``last_position=True`` logits at
+    the last position only, where the forward takes ``logits_to_keep`` (for passes that
+    read no others)."""
     import inspect
 
-    accepts = "logits_to_keep" in inspect.signature(model._module.forward).parameters
-    return {"logits_to_keep": 1} if accepts else {}
+    from .remote import backend, remote_of
+
+    options = {"backend": backend(model)} if remote_of(model) else {}
+    if last_position and "logits_to_keep" in inspect.signature(model._module.forward).parameters:
+        options["logits_to_keep"] = 1
+    return options

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .analysis import write_json
+from .attach import site_device
 from .corpus import contexts, load_corpus
 from .dictionary import Dictionary
 from .errors import NnsightSaeError
@@ -70,7 +71,8 @@ def token_contexts(model, spec: DataSpec, *, held_out: bool) -> torch.Tensor:
 
 
 def build_dictionaries(model, run: RunSpec) -> list[Dictionary]:
-    """Fresh dictionaries for every (type, site, width), checked against the model."""
+    """Fresh dictionaries for every (type, site, width), checked against the model, each
+    on its site's device (so a GPU-placed layer's dictionary trains on that GPU)."""
     out = []
     for type_name in run.types:
         cls = registry().get("dictionary_types", type_name)
@@ -86,7 +88,7 @@ def build_dictionaries(model, run: RunSpec) -> list[Dictionary]:
                     cfg["out_site"] = run.hyper.get("out_site", f"mlp_out.{layer}")
                 if site.d_in is None:
                     raise NnsightSaeError(f"cannot tell the width of raw site {site_name}")
-                out.append(cls(cfg))
+                out.append(cls(cfg).to(site_device(model, site)))
     return out
 
 

@@ -66,3 +66,21 @@ def traced_modules() -> list[str]:
 
     types = {e.obj.__module__ for e in registry().dictionary_types.values()}
     return ["nnsight_sae.traced", "nnsight_sae.dictionary", *sorted(types)]
+
+
+def trace_block_problems(*modules) -> list[str]:
+    """Comment lines inside ``with ....trace(...)`` blocks of the given modules. nnsight's
+    remote path ships a block re-parsed without its comments, so a comment line shifts the
+    line numbers it later uses to find nested blocks (``with metric.backward():``), which then
+    silently do not run. An empty list means none."""
+    problems = []
+    for module in modules:
+        module = importlib.import_module(module) if isinstance(module, str) else module
+        source = inspect.getsource(module)
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.With) and any(".trace(" in ast.unparse(item.context_expr)
+                                                  for item in node.items):
+                problems += [f"{module.__name__}:{n} comment line inside a trace block"
+                             for n in range(node.lineno, node.end_lineno + 1) if lines[n - 1].strip().startswith("#")]
+    return problems

@@ -87,3 +87,14 @@ def tiny_prompts(n: int = 2, length: int = 7, seed: int = 0) -> list[str]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, VOCAB, (n, length), generator=g)
     return [" ".join(WORDS[i] for i in row) for row in ids.tolist()]
+
+
+def random_dictionary(site, *, type_name="topk", d_in=32, d_sae=64, seed=0, **cfg):
+    """A randomly initialised dictionary for a tiny model's site (topk: k=8 unless given)."""
+    from .plugins import create_dictionary
+
+    if type_name == "topk":
+        cfg.setdefault("k", 8)
+    d = create_dictionary(type_name, d_in=d_in, d_sae=d_sae, site=site, **cfg)
+    d.reset_parameters(seed)
+    return d

@@ -60,8 +60,21 @@ class Site:
 
     def _weight(self):
         weight = self.envoy.weight
+        if weight.device.type == "meta":
+            weight = offloaded_weight(self.envoy._module)
         # nn.Linear stores (d_out, d_in); GPT-2's Conv1D stores (d_in, d_out).
         return weight if self.weight_layout == "linear" else weight.T
+
+
+def offloaded_weight(module):
+    """The weight of a module accelerate offloads to the CPU: its hook holds the real tensor
+    and puts it in place only while the module's own forward runs, so hooks see meta."""
+    hook = module._hf_hook
+    for h in getattr(hook, "hooks", [hook]):
+        weights = getattr(h, "weights_map", None)
+        if weights is not None:
+            return weights["weight"].to(h.execution_device)
+    raise RuntimeError(f"{type(module).__name__}'s weight is on the meta device and no offload hook holds it")
 
 
 def split_heads(z, weight, n_heads):

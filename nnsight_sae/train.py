@@ -194,11 +194,13 @@ class Trainer:
         for i, (m, opt) in enumerate(zip(self.members, self.optimizers)):
             with torch.no_grad():
                 for k, p in m.dictionary.state_dict(keep_vars=True).items():
-                    p.copy_(tensors[f"{i}.param.{k}"])
+                    p.copy_(tensors[f"{i}.param.{k}"])  # copy_ moves it to the parameter's device
             m.rows_since_fired = tensors[f"{i}.rows_since_fired"].clone()
             for name, p in m.dictionary.named_parameters():
                 prefix = f"{i}.adam.{name}."
-                state = {k[len(prefix):]: v.clone() for k, v in tensors.items() if k.startswith(prefix)}
+                # moments go where the parameter is; Adam keeps its step count on the CPU
+                state = {k[len(prefix):]: v.clone().to(p.device) if v.dim() else v.clone()
+                         for k, v in tensors.items() if k.startswith(prefix)}
                 if state:
                     opt.state[p] = state
 

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -15,17 +16,18 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ["NNSIGHT_SAE_CACHE"] = os.environ.get("NNSIGHT_SAE_TEST_CACHE") or tempfile.mkdtemp(prefix="nnsight-sae-")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-from nnsight_sae.testing import FAMILIES, load_tiny_model  # noqa: E402
+from nnsight_sae.testing import FAMILIES, load_tiny_model, tiny_prompts  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """family -> a loaded tiny random model, built once per session."""
+    """family -> a loaded tiny random model on the CPU (also on a GPU machine, where loading
+    would pick the GPU: tests/test_gpu.py covers that), built once per session."""
     cache = {}
 
     def get(family):
         if family not in cache:
-            cache[family] = load_tiny_model(family, tmp_path_factory.mktemp(family))
+            cache[family] = load_tiny_model(family, tmp_path_factory.mktemp(family), device_map={"": "cpu"})
         return cache[family]
 
     return get
@@ -73,3 +75,37 @@ def smol_resid6(tmp_path_factory):
     _train_cli(out, "--type", "topk,relu", "--site", "resid_post.6", "--tokens", 300_000, "--epochs", 3,
               "--d-sae", 4608)
     return out
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Word-level text the tiny tokenizer reads one token per word."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(tiny_prompts(n=200, length=40, seed=1)))
+    return str(path)
+
+
+@pytest.fixture
+def counterfactual_task(tmp_path):
+    """The answer is the word before the repeated one; the counterfactual changes that word."""
+    rows = []
+    for i in range(5, 29):
+        rows.append({"prompt": f"w{i} w{i + 1} w{i + 2} w{i + 1}", "answer": f" w{i}",
+                     "negative": f"w{i} w{i + 1} w{i + 2} w{i + 3}", "wrong": f" w{i + 2}",
+                     "counterfactual": f"w{i + 40} w{i + 1} w{i + 2} w{i + 1}"})
+    path = tmp_path / "cf.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def task_file(tmp_path):
+    """A copy task: the answer repeats the word after the repeated one."""
+    rows = [{"prompt": f"w{i} w{i + 1} w{i + 2} w{i}", "answer": f" w{i + 1}",
+             "negative": f"w{i} w{i + 1} w{i + 2} w{i + 3}", "negative_answer": f" w{i + 4}",
+             "wrong": f" w{i + 2}"} for i in range(5, 45)]
+    rows.append({"prompt": "w5 w6", "answer": " w7 w8", "negative": "w9 w10"})  # two-token answer: skipped
+    rows.append({"prompt": "w5 w6", "answer": " w7", "negative": "w9 w10 w11"})  # lengths differ: skipped
+    path = tmp_path / "copy.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)

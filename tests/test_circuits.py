@@ -20,19 +20,6 @@ def test_roc_auc_and_precision_recall():
     assert precision_recall_at_k(torch.tensor([[0.9, 0.5], [0.8, 0.1]]), truth, 2) == (0.5, 0.5)
 
 
-@pytest.fixture
-def task_file(tmp_path):
-    """A copy task: the answer repeats the word after the repeated one."""
-    rows = [{"prompt": f"w{i} w{i + 1} w{i + 2} w{i}", "answer": f" w{i + 1}",
-             "negative": f"w{i} w{i + 1} w{i + 2} w{i + 3}", "negative_answer": f" w{i + 4}",
-             "wrong": f" w{i + 2}"} for i in range(5, 45)]
-    rows.append({"prompt": "w5 w6", "answer": " w7 w8", "negative": "w9 w10"})  # two-token answer: skipped
-    rows.append({"prompt": "w5 w6", "answer": " w7", "negative": "w9 w10 w11"})  # lengths differ: skipped
-    path = tmp_path / "copy.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return str(path)
-
-
 def test_file_task_checks_prompts(tiny_models, task_file, tmp_path):
     prompts = get_task(task_file).prompts(tiny_models("llama").tokenizer)
     assert len(prompts) == 40 and prompts.skipped == 2
@@ -65,7 +52,7 @@ def test_reference_effect_equals_patching_one_head_by_hand(tiny_models, task_fil
         site.envoy.input = z
         logits = model.output.logits[:, -1].save()
     clean = task.metric(last_logits(model, prompts.positive), prompts).mean()
-    by_hand = clean - task.metric(logits, prompts).mean()
+    by_hand = clean - task.metric(logits.cpu(), prompts).mean()
     torch.testing.assert_close(effects[1, 2], by_hand, rtol=1e-4, atol=1e-5)
 
 
@@ -194,3 +181,17 @@ def test_circuit_benchmark_contract(tiny_models, task_file, tmp_path):
     result = json.loads((tmp_path / "circuit-copy.json").read_text())
     assert set(result) == {"what", "ratio", "ours", "baseline", "unit", "setup"}
     assert result["ratio"] == pytest.approx(result["baseline"] / result["ours"], abs=0.01) and result["ratio"] > 0
+
+
+def test_attribution_needs_no_weight_gradients(tiny_models, task_file, tmp_path):
+    """NDIF runs models with gradients off for the weights; attribution starts its graph at the heads."""
+    from nnsight_sae.testing import load_tiny_model
+    from nnsight_sae_circuits.heads import attribution_effects
+
+    task = get_task(task_file)
+    model = tiny_models("llama")
+    frozen = load_tiny_model("llama", tmp_path, device_map={"": "cpu"})
+    for p in frozen._module.parameters():
+        p.requires_grad_(False)
+    prompts = task.prompts(model.tokenizer, 12)
+    torch.testing.assert_close(attribution_effects(frozen, task, prompts), attribution_effects(model, task, prompts))

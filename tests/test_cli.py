@@ -114,7 +114,9 @@ def test_data_parallel_training_under_accelerate_launch(tmp_path, tiny_gpt2):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "nnsight_sae",
            *map(str, TRAIN), "--epochs", "1", "--model", str(tiny_gpt2), "--out", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # CPU processes even on a GPU machine (one GPU cannot serve two ranks)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     digests = dict(re.findall(r"rank (\d): topk at resid_post.1 weights sha256 ([0-9a-f]{16})", result.stderr))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
@@ -126,3 +128,23 @@ def test_data_parallel_training_under_accelerate_launch(tmp_path, tiny_gpt2):
     digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in d.state_dict().values())).hexdigest()[:16]
     assert digest == digests["0"] and set(saved) == set(d.state_dict())
     assert json.loads((out / "eval.json").read_text())["fvu"] < 1
+
+
+def test_device_map_and_remote_flags(tiny_gpt2, tmp_path):
+    from nnsight_sae import save_dictionary
+    from nnsight_sae.testing import random_dictionary
+
+    folder = save_dictionary(random_dictionary("resid_post.1"), tmp_path / "d")
+    n = torch.cuda.device_count()
+    line = assert_one_line_exit_2(cli("eval", folder, "--model", tiny_gpt2, "--device-map", f"cuda:{n}",
+                                      "--out", tmp_path / "e"))
+    assert f"device_map names cuda:{n}, but this machine has {n} CUDA device(s)" in line
+    line = assert_one_line_exit_2(cli("eval", folder, "--model", tiny_gpt2, "--remote", "--out", tmp_path / "e"))
+    assert "a local file or folder, cannot be sent: pass a Hub id" in line
+    bad = cli("eval", folder, "--device-map", "{cpu", "--out", tmp_path / "e")
+    assert bad.returncode == 2 and "--device-map is not valid JSON" in bad.stderr
+    # a JSON device map and the simulated round trip both run
+    ok = cli("eval", folder, "--model", tiny_gpt2, "--device-map", '{"": "cpu"}', "--remote", "local",
+             "--tokens", 256, "--ctx-len", 32, "--out", tmp_path / "e")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["fvu"] > 0

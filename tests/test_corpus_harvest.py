@@ -90,7 +90,7 @@ def test_harvest_matches_direct_reads_and_drops_padding(tiny_models):
     site = resolve_site(model, "mlp_out.1")
     with model.trace({"input_ids": ids[:2], "attention_mask": mask[:2]}):
         direct = site.read().save()
-    torch.testing.assert_close(got[0]["mlp_out.1"], direct[mask[:2].bool()], rtol=0, atol=0)
+    torch.testing.assert_close(got[0]["mlp_out.1"], direct[mask[:2].bool().to(direct.device)].cpu(), rtol=0, atol=0)
     with_bos_dropped = list(harvest(model, ["mlp_out.1"], ids, batch_size=4, drop_bos=True, progress=False))
     assert with_bos_dropped[0]["mlp_out.1"].shape == (4 * 8, 32)
 
@@ -104,7 +104,8 @@ def test_store_is_aligned_shuffled_deterministic_and_resumable(tiny_models, tmp_
     # rows stay aligned across sites: mlp_out = mlp(mlp_in) row by row
     mlp = model._module.transformer.h[1].mlp
     b = next(store.batches(16, buffer_rows=40, seed=3))
-    torch.testing.assert_close(mlp(b["mlp_in.1"]), b["mlp_out.1"], rtol=1e-5, atol=1e-5)
+    device = next(mlp.parameters()).device  # the store is on the CPU, the model wherever it was loaded
+    torch.testing.assert_close(mlp(b["mlp_in.1"].to(device)).cpu(), b["mlp_out.1"], rtol=1e-5, atol=1e-5)
     one = [x["mlp_in.1"] for x in store.batches(16, buffer_rows=40, seed=3, epoch=1)]
     two = [x["mlp_in.1"] for x in store.batches(16, buffer_rows=40, seed=3, epoch=1)]
     other = [x["mlp_in.1"] for x in store.batches(16, buffer_rows=40, seed=3, epoch=2)]

@@ -9,37 +9,8 @@ import pytest
 import torch
 
 from nnsight_sae import SiteError, attach, create_dictionary, load_dictionary, run_analysis, save_dictionary
-from nnsight_sae.testing import WORDS, tiny_prompts
+from nnsight_sae.testing import WORDS, random_dictionary, tiny_prompts
 from nnsight_sae_features.common import FeatureError
-
-
-def random_dictionary(site, *, type_name="topk", d_in=32, d_sae=64, seed=0, **cfg):
-    if type_name == "topk":
-        cfg.setdefault("k", 8)
-    d = create_dictionary(type_name, d_in=d_in, d_sae=d_sae, site=site, **cfg)
-    d.reset_parameters(seed)
-    return d
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    """Word-level text the tiny tokenizer reads one token per word."""
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(tiny_prompts(n=200, length=40, seed=1)))
-    return str(path)
-
-
-@pytest.fixture
-def counterfactual_task(tmp_path):
-    """The answer is the word before the repeated one; the counterfactual changes that word."""
-    rows = []
-    for i in range(5, 29):
-        rows.append({"prompt": f"w{i} w{i + 1} w{i + 2} w{i + 1}", "answer": f" w{i}",
-                     "negative": f"w{i} w{i + 1} w{i + 2} w{i + 3}", "wrong": f" w{i + 2}",
-                     "counterfactual": f"w{i + 40} w{i + 1} w{i + 2} w{i + 1}"})
-    path = tmp_path / "cf.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return str(path)
 
 
 def test_feature_patching_curves(tiny_models, counterfactual_task, corpus, tmp_path):
@@ -316,3 +287,38 @@ def test_de_embedding_ranks_the_token_a_transcoder_feature_reads(tiny_models, tm
     with pytest.raises(FeatureError, match="mlp_out.1 is neither"):
         run_analysis("de-embed", model=model, dictionary=random_dictionary("mlp_out.1"), out_dir=tmp_path,
                      features=[1])
+
+
+def test_tc_vs_sae_sweep(tiny_models, corpus, tmp_path):
+    from nnsight_sae import load_dictionary
+
+    model = tiny_models("llama")
+    tc = random_dictionary("mlp_in.1", type_name="transcoder", out_site="mlp_out.1")
+    out = tmp_path / "sweep"
+    r = run_analysis("tc-vs-sae", model=model, dictionary=tc, out_dir=out, l1=[1e-3, 1.0], tokens=3000,
+                     ctx_len=40, eval_tokens=200, data=corpus)
+    assert json.loads((out / "tc-vs-sae.json").read_text()) == r
+    assert (out / "tc-vs-sae.png").stat().st_size > 5000
+    assert [(p["type"], p["l1_coefficient"]) for p in r["points"]] == [
+        ("transcoder", 1e-3), ("relu", 1e-3), ("transcoder", 1.0), ("relu", 1.0)]
+    assert len({round(p["ce_clean"], 6) for p in r["points"]}) == 1  # every point scored on the same tokens
+    for kind in ("transcoder", "relu"):
+        weak, strong = [p for p in r["points"] if p["type"] == kind]
+        assert strong["l0"] < weak["l0"]  # a larger penalty, fewer active features
+    for p in r["points"]:
+        d = load_dictionary(out / "dictionaries" / p["folder"])
+        assert d.d_sae == 64 and d.site == ("mlp_in.1" if p["type"] == "transcoder" else "mlp_out.1")
+    with pytest.raises(FeatureError, match="compares dictionaries on one MLP"):
+        run_analysis("tc-vs-sae", model=model, dictionary=random_dictionary("resid_post.1"), out_dir=tmp_path / "x")
+    with pytest.raises(FeatureError, match="--l1 needs positive penalties"):
+        run_analysis("tc-vs-sae", model=model, dictionary=tc, out_dir=tmp_path / "x", l1=[0.0])
+
+
+def test_matched_l0_interpolates_in_log_l0():
+    from nnsight_sae_features.sweep import matched_l0
+
+    points = [{"type": "relu", "l0": 10, "ce_increase": 0.4}, {"type": "relu", "l0": 1000, "ce_increase": 0.0},
+              {"type": "transcoder", "l0": 100, "ce_increase": 0.1},  # halfway in log L0: the SAE is at 0.2
+              {"type": "transcoder", "l0": 5000, "ce_increase": 0.0}]  # outside the SAEs' range: left out
+    (m,) = matched_l0(points)
+    assert m["l0"] == 100 and m["sae_ce_increase"] == pytest.approx(0.2) and m["difference"] == pytest.approx(-0.1)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import nnsight
 import torch
 
 from nnsight_sae import n_layers, resolve_site
-from nnsight_sae.models import last_position_only
+from nnsight_sae.models import trace_options
 
 
 def _encode(model, texts):
@@ -22,26 +23,30 @@ def head_outputs(model, texts: list[str], *, reduce: str = "mean", batch_size: i
     for start in range(0, len(texts), batch_size):
         enc = _encode(model, texts[start:start + batch_size])
         mask = enc.attention_mask.float()
-        saved = []
-        with model.trace(dict(enc), **last_position_only(model)):
+        with model.trace(dict(enc), **trace_options(model, last_position=True)):
+            saved = nnsight.save([])
             for site in sites:
                 heads = site.read()  # (b, p, H, d)
                 if reduce == "last":
-                    saved.append(heads[:, -1].save())  # left padding: the last position is real
+                    saved.append(heads[:, -1])  # left padding: the last position is real
                 else:
                     w = (mask / mask.sum(1, keepdim=True)).to(heads.device)
-                    saved.append(torch.einsum("bp,bphd->bhd", w, heads).save())
+                    saved.append(torch.einsum("bp,bphd->bhd", w, heads))
         out.append(torch.stack([s.float().cpu() for s in saved], dim=1))
     return torch.cat(out)
 
 
 @torch.no_grad()
+def last_logits_of(model, enc: dict) -> torch.Tensor:
+    """The last position's logits (n, vocab) on CPU in float32."""
+    with model.trace(dict(enc), **trace_options(model, last_position=True)):
+        logits = model.output.logits[:, -1].save()
+    return logits.float().cpu()
+
+
 def last_logits(model, texts: list[str], batch_size: int = 16) -> torch.Tensor:
-    chunks = []
-    for start in range(0, len(texts), batch_size):
-        with model.trace(dict(_encode(model, texts[start:start + batch_size])), **last_position_only(model)):
-            chunks.append(model.output.logits[:, -1].float().cpu().save())
-    return torch.cat(chunks)
+    return torch.cat([last_logits_of(model, _encode(model, texts[start:start + batch_size]))
+                      for start in range(0, len(texts), batch_size)])
 
 
 def _encode_pair(model, prompts):
@@ -67,11 +72,11 @@ def negative_means(model, prompts, neg=None, *, batch_size: int = 16) -> list[to
     for start in range(0, len(prompts), batch_size):
         rows = slice(start, start + batch_size)
         mask = neg.attention_mask[rows][..., None].float()
-        zs = []  # filled inside the trace (its body runs apart from this frame)
         with model.trace({"input_ids": neg.input_ids[rows], "attention_mask": neg.attention_mask[rows]},
-                         **last_position_only(model)):
+                         **trace_options(model, last_position=True)):
+            zs = nnsight.save([])
             for site in sites:
-                zs.append(site.envoy.input.save())
+                zs.append(site.envoy.input)
         batch = [(z.float().cpu() * mask).sum(0) for z in zs]
         sums = batch if sums is None else [a + b for a, b in zip(sums, batch)]
         count = count + mask.sum(0)
@@ -104,10 +109,10 @@ def mean_ablation_effects(model, task, prompts, *, batch_size: int = 16, rows_pe
     H = resolve_site(model, "head_out.0").n_heads
     effects = torch.zeros(L, H)
     layers = [resolve_site(model, f"resid_post.{layer}") for layer in range(L)]
-    resid = []  # the clean residual after each layer: patched passes skip the layers before the head's
-    with model.trace(dict(pos), **last_position_only(model)):
+    with model.trace(dict(pos), **trace_options(model, last_position=True)):
+        resid = nnsight.save([])  # the clean residual after each layer: patched passes skip the layers before
         for site in layers:
-            resid.append(site.read().save())
+            resid.append(site.read())
     n, per_pass = len(prompts), max(1, rows_per_pass // H)
     for layer in tqdm(range(L), desc="patch heads", disable=not progress, leave=False):
         site = resolve_site(model, f"head_out.{layer}")
@@ -117,7 +122,7 @@ def mean_ablation_effects(model, task, prompts, *, batch_size: int = 16, rows_pe
             ids = pos.input_ids[idx].repeat(H, 1)
             mask = pos.attention_mask[idx].repeat(H, 1)
             which = torch.eye(H, dtype=torch.bool).repeat_interleave(len(idx), dim=0)  # copy h ablates head h
-            with model.trace({"input_ids": ids, "attention_mask": mask}, **last_position_only(model)):
+            with model.trace({"input_ids": ids, "attention_mask": mask}, **trace_options(model, last_position=True)):
                 if layer > 0:
                     before = resid[layer - 1][idx].repeat(H, 1, 1)
                     for skipped in layers[:layer]:  # only the last one's output is used downstream
@@ -144,7 +149,7 @@ def keep_only_metric(model, task, prompts, keep: torch.Tensor, means=None, *, ba
         idx = list(range(start, min(len(prompts), start + batch_size)))
         real = pos.attention_mask[idx].bool()
         with model.trace({"input_ids": pos.input_ids[idx], "attention_mask": pos.attention_mask[idx]},
-                         **last_position_only(model)):
+                         **trace_options(model, last_position=True)):
             for layer, site in enumerate(sites):
                 ablate = (~keep[layer])[None].expand(len(idx), -1)
                 site.envoy.input = _ablate(site.envoy.input, means[layer], ablate, real)
@@ -167,18 +172,25 @@ def attribution_effects(model, task, prompts, *, batch_size: int = 16) -> torch.
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(len(prompts), start + batch_size)))
         enc = {"input_ids": pos.input_ids[idx], "attention_mask": pos.attention_mask[idx]}
-        zs, grads = [], []
-        with model.trace(enc, **last_position_only(model)):
+        # d metric / d logits first, here: the task's metric is any Python, which cannot run on NDIF
+        with torch.enable_grad():
+            logits = last_logits_of(model, enc).requires_grad_()
+            task.metric(logits, prompts.subset(idx)).sum().backward()
+        # NDIF runs models with frozen weights: the graph starts at the heads' inputs. (No comment
+        # lines inside this block: nnsight's remote path re-parses it without them and then finds
+        # the nested backward block by line number.)
+        with model.trace(enc, **trace_options(model, last_position=True)):
+            zs, grads = nnsight.save([]), nnsight.save([])
             for site in sites:
-                zs.append(site.envoy.input.save())
-            metric = task.metric(model.output.logits[:, -1].float(), prompts.subset(idx)).sum()
+                zs.append(site.envoy.input.requires_grad_())
+            metric = (model.output.logits[:, -1].float() * logits.grad.to(model.output.logits.device)).sum()
             with metric.backward():
                 for z in reversed(zs):  # the backward pass reaches the last layer first
-                    grads.append(z.grad.save())
+                    grads.append(z.grad)
         grads.reverse()
         mask = enc["attention_mask"][..., None].float()
         for layer in range(L):
-            delta = (means[layer] - zs[layer].detach().float()) * mask  # (b, p, H*dh)
-            contrib = (delta * grads[layer].float()).reshape(len(idx), width, H, -1).sum(dim=(1, 3))
+            delta = (means[layer] - zs[layer].detach().float().cpu()) * mask  # (b, p, H*dh)
+            contrib = (delta * grads[layer].float().cpu()).reshape(len(idx), width, H, -1).sum(dim=(1, 3))
             effects[layer] -= contrib.sum(0)
     return effects / len(prompts)

@@ -1,5 +1,6 @@
 """First-party feature analyses (Cunningham et al. 2023): feature patching against PCA,
-causal trees, feature reports. Each works with any dictionary on any supported model."""
+causal trees, feature reports; de-embeddings and the transcoder-vs-SAE sparsity sweep
+(Dunefsky et al. 2024). Each works with any dictionary on any supported model."""
 
 from __future__ import annotations
 
@@ -189,6 +190,50 @@ class DeEmbed(Analysis):
                 "features": [{"feature": f, **top_tokens(model.tokenizer, row, k)} for f, row in zip(features, scores)]}
 
 
+class TranscoderVsSae(Analysis):
+    name = "tc-vs-sae"
+    help = ("sparsity sweep at the dictionary's layer: transcoders (MLP replaced) vs SAEs on the MLP output, "
+            "CE against L0, Pareto plot")
+
+    def add_arguments(self, parser):
+        from nnsight_sae.cli import _csv
+
+        parser.add_argument("--l1", type=_csv(float), default=[2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3],
+                            help="sparsity penalties, one transcoder and one SAE each")
+        parser.add_argument("--d-sae", type=int, help="width of every dictionary (default: the given one's)")
+        parser.add_argument("--epochs", type=int, default=1, help="passes over the training tokens")
+        parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for each CE")
+        _add_corpus(parser, 100_000, 128)
+
+    def run(self, *, model, dictionary, out_dir, options):
+        from nnsight_sae.pipeline import DataSpec
+        from nnsight_sae.sites import site_layer
+
+        from .sweep import matched_l0, plot_pareto, sweep
+
+        layer = site_layer(dictionary.site)
+        if layer is None or not dictionary.site.startswith(("mlp_in.", "mlp_out.")):
+            raise FeatureError(f"tc-vs-sae compares dictionaries on one MLP: give a transcoder or an SAE at "
+                               f"mlp_in.L / mlp_out.L, not one at {dictionary.site}")
+        bind(model, dictionary)
+        penalties = options["l1"]
+        if not penalties or any(p <= 0 for p in penalties):
+            raise FeatureError(f"--l1 needs positive penalties, got {penalties}")
+        for name in ("tokens", "epochs", "eval_tokens"):
+            check_positive(f"--{name.replace('_', '-')}", options[name])
+        data = DataSpec(data=options["data"], tokens=options["tokens"], ctx_len=options["ctx_len"],
+                        eval_tokens=options["eval_tokens"])
+        d_sae = check_positive("--d-sae", options["d_sae"] or dictionary.d_sae)
+        points = sweep(model, layer, sorted(penalties), d_sae=d_sae, data=data, epochs=options["epochs"],
+                       out=out_dir / "dictionaries")
+        matched = matched_l0(points)
+        plot_pareto(points, out_dir / "tc-vs-sae.png", title=f"{model_id(model)}, MLP {layer}, d_sae {d_sae}")
+        return {"model": model_id(model), "layer": layer, "d_sae": d_sae, "tokens": options["tokens"],
+                "epochs": options["epochs"], "points": points, "matched_l0": matched,
+                "mean_difference_at_matched_l0": (sum(m["difference"] for m in matched) / len(matched)
+                                                  if matched else None)}
+
+
 @hookimpl
 def nnsight_sae_analyses():
-    return [FeaturePatching(), CausalTree(), FeatureReport(), DeEmbed()]
+    return [FeaturePatching(), CausalTree(), FeatureReport(), DeEmbed(), TranscoderVsSae()]

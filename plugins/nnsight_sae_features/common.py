@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from nnsight_sae import attach
 from nnsight_sae.corpus import contexts, load_corpus
 from nnsight_sae.errors import NnsightSaeError
-from nnsight_sae.models import model_id
+from nnsight_sae.models import model_id, trace_options
 from nnsight_sae.sites import architecture_of, resolve_site, site_layer
 
 
@@ -62,7 +62,7 @@ def feature_activations(model, attached, tokens: torch.Tensor, features: list[in
     out = []
     for start in tqdm(range(0, len(tokens), batch_size), desc=desc, leave=False):
         ids = tokens[start:start + batch_size]
-        with model.trace({"input_ids": ids, "attention_mask": torch.ones_like(ids)}) as tracer:
+        with model.trace({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, **trace_options(model)) as tracer:
             x = attached.site.read().save()
             tracer.stop()
         acts = attached.dictionary.encode(x)[..., index.to(x.device)].float().cpu()
@@ -73,12 +73,14 @@ def feature_activations(model, attached, tokens: torch.Tensor, features: list[in
 
 @torch.no_grad()
 def run_with_additions(model, enc: dict, site, make_delta, n_sets: int, read, *, batch_size: int = 256,
-                       stop: bool = False, skip=None, desc: str = "", **trace_kw) -> list[torch.Tensor]:
+                       stop: bool = False, skip=None, desc: str = "", last_position: bool = False
+                       ) -> list[torch.Tensor]:
     """For k in range(n_sets): run the prompts with ``make_delta(k)`` (n, p, d) added to the
     site's activation and return ``read(repeats)`` (called inside the trace, after the write,
     with the batch holding the prompts ``repeats`` times) on CPU, split per set.
     Several sets share one forward pass (the prompts repeated once per set); stop=True ends
-    the forward pass after the read; skip from ``clean_prefix`` starts it at the site's layer."""
+    the forward pass after the read; skip from ``clean_prefix`` starts it at the site's layer;
+    last_position=True computes logits at the last position only."""
     n = len(enc["input_ids"])
     per_pass = max(1, batch_size // n)
     out = []
@@ -86,7 +88,7 @@ def run_with_additions(model, enc: dict, site, make_delta, n_sets: int, read, *,
         ks = range(start, min(n_sets, start + per_pass))
         batch = {key: value.repeat(len(ks), 1) for key, value in enc.items()}
         delta = torch.cat([make_delta(k) for k in ks])
-        with model.trace(batch, **trace_kw) as tracer:
+        with model.trace(batch, **trace_options(model, last_position=last_position)) as tracer:
             if skip is not None:
                 layers, before = skip
                 for layer in layers:  # only the last one's output is read downstream
@@ -115,7 +117,7 @@ def prefix_batch(tokens: torch.Tensor, rows: list[int], positions: list[int], pa
 def site_codes(model, attached, enc: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Feature activations (n, p, d_sae) on real positions (0 on padding) and decoder
     directions (d_sae, d_out), both on CPU in float32; the forward stops at the site."""
-    with model.trace(enc) as tracer:
+    with model.trace(enc, **trace_options(model)) as tracer:
         x = attached.site.read().save()
         tracer.stop()
     directions = attached.dictionary.decoder_directions().detach()
@@ -146,7 +148,7 @@ def clean_prefix(model, site, enc: dict):
     if not layer or architecture_of(model).resid_post != ":output":
         return None
     layers = [resolve_site(model, f"resid_post.{i}") for i in range(layer)]
-    with model.trace(enc) as tracer:
+    with model.trace(enc, **trace_options(model)) as tracer:
         before = layers[-1].read().save()
         tracer.stop()
     return layers, before

@@ -25,7 +25,7 @@ import time
 import torch
 
 from nnsight_sae.harvest import harvest
-from nnsight_sae.models import last_position_only
+from nnsight_sae.models import trace_options
 
 from .common import clean_prefix, run_with_additions
 
@@ -69,7 +69,7 @@ def read_site(model, site, enc: dict, *, batch_size: int = 16) -> tuple[torch.Te
     xs, logits = [], []
     for start in range(0, len(enc["input_ids"]), batch_size):
         batch = {k: v[start:start + batch_size] for k, v in enc.items()}
-        with model.trace(batch, **last_position_only(model)):
+        with model.trace(batch, **trace_options(model, last_position=True)):
             x = site.read().save()
             out = model.output.logits[:, -1].save()
         xs.append(x.float().cpu())
@@ -94,7 +94,7 @@ def patching_curve(model, site, enc, basis: Basis, cf_logits, metric, *, n_candi
     def run(sets, desc):
         logits = run_with_additions(model, enc, site, lambda k: basis.patch(sets[k]), len(sets),
                                     lambda repeats: model.output.logits[:, -1], batch_size=batch_size,
-                                    skip=skip, desc=desc, **last_position_only(model))
+                                    skip=skip, desc=desc, last_position=True)
         return torch.stack(logits)
 
     sizes = basis.sizes()
@@ -128,7 +128,7 @@ def all_directions(model, site, enc, basis: Basis, cf_logits, shift: torch.Tenso
     patch = basis.patch(every)
     logits = run_with_additions(model, enc, site, lambda k: patch, 1,
                                 lambda repeats: model.output.logits[:, -1], skip=skip,
-                                **last_position_only(model))[0]
+                                last_position=True)[0]
     captured = 1 - float((shift - patch).pow(2).sum() / shift.pow(2).sum())
     return {"kl_all_directions": round(float(kl_to(logits, cf_logits).mean()), 6),
             "shift_captured": round(captured, 6)}

@@ -1,0 +1,66 @@
+"""Transcoders against SAEs on one MLP (Dunefsky et al. 2024, sparsity-fidelity): over a sweep
+of sparsity penalties, a transcoder (MLP input -> MLP output, the MLP replaced) and an SAE on
+the MLP's output (the output reconstructed), trained on the same tokens, scored by next-token
+CE against L0."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from nnsight_sae.analysis import pyplot, save_figure
+from nnsight_sae.pipeline import DataSpec, RunSpec, train_and_evaluate
+
+KINDS = {"transcoder": "mlp_in", "relu": "mlp_out"}  # dictionary type -> the site it reads
+
+
+def sweep(model, layer: int, penalties: list[float], *, d_sae: int, data: DataSpec, epochs: int, out: Path,
+          seed: int = 0) -> list[dict]:
+    """One transcoder and one ReLU SAE per penalty, each saved under ``out``; their eval
+    results (l0, ce_clean, ce_spliced, fvu, ...) with the penalty and type."""
+    points = []
+    for penalty in penalties:
+        for type_name, site in KINDS.items():
+            run = RunSpec(types=[type_name], sites=[f"{site}.{layer}"], d_sae=[d_sae],
+                          hyper={"l1_coefficient": penalty}, epochs=epochs)
+            folder = out / f"{type_name}-l1-{penalty:g}"
+            result = train_and_evaluate(model, data, run, {"seed": seed}, folder)[0]
+            points.append({"type": type_name, "l1_coefficient": penalty, "folder": folder.name,
+                           "l0": result["l0"], "ce_clean": result["ce_clean"],
+                           "ce_increase": result["ce_spliced"] - result["ce_clean"], "fvu": result["fvu"]})
+    return points
+
+
+def matched_l0(points: list[dict]) -> list[dict]:
+    """For each transcoder point inside the SAEs' L0 range, the SAEs' CE increase at the same L0
+    (linear in log L0 between the two nearest SAE points) and the difference (negative: the
+    transcoder does better)."""
+    saes = sorted((p["l0"], p["ce_increase"]) for p in points if p["type"] == "relu" and p["l0"] > 0)
+    out = []
+    for p in points:
+        if p["type"] != "transcoder" or not saes or not saes[0][0] <= p["l0"] <= saes[-1][0]:
+            continue
+        for (l0_a, ce_a), (l0_b, ce_b) in zip(saes, saes[1:] or saes):
+            if l0_a <= p["l0"] <= l0_b:
+                t = 0.0 if l0_b == l0_a else (math.log(p["l0"]) - math.log(l0_a)) / (math.log(l0_b) - math.log(l0_a))
+                sae_ce = ce_a + t * (ce_b - ce_a)
+                out.append({"l0": p["l0"], "transcoder_ce_increase": p["ce_increase"],
+                            "sae_ce_increase": sae_ce, "difference": p["ce_increase"] - sae_ce})
+                break
+    return out
+
+
+def plot_pareto(points: list[dict], path: Path, *, title: str = "") -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for type_name, label, marker in (("transcoder", "transcoder (MLP replaced)", "o"),
+                                     ("relu", "SAE on the MLP output (reconstructed)", "s")):
+        pts = sorted((p["l0"], p["ce_increase"]) for p in points if p["type"] == type_name)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker=marker, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("L0 (active features per token)")
+    ax.set_ylabel("CE increase over the clean model (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, path)
