@@ -22,7 +22,8 @@ def site_device(model, site) -> "torch.device":
             main = min(placed, key=str)
             return torch.device(f"cuda:{main}" if isinstance(main, int) else main)
         break
-    return next(p.device for p in model._module.parameters() if p.device.type != "meta")
+    # A remote model is all meta here: its dictionaries stay on the CPU (moved on the server).
+    return next((p.device for p in model._module.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
 def attach(model, dictionary: Dictionary) -> Attached:

@@ -77,7 +77,7 @@ def _register_ours(register: bool = True) -> None:
     for module in _our_modules():
         if register:
             cloudpickle.register_pickle_by_value(module)
-        elif module.__name__ in cloudpickle.cloudpickle._PICKLE_BY_VALUE_MODULES:
+        elif module.__name__ in cloudpickle.list_registry_pickle_by_value():
             cloudpickle.unregister_pickle_by_value(module)
 
 

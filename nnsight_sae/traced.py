@@ -127,7 +127,16 @@ class Attached:
 
     def features(self):
         """The feature activations of the site (read only)."""
-        return self.dictionary.encode(self.site.read())
+        x = self.site.read()
+        return self._on(x).encode(x)
+
+    def _on(self, x):
+        """The dictionary, on x's device: already so locally (``attach`` placed it); on NDIF it
+        arrives on the CPU while the activations are on the server's GPU."""
+        d = self.dictionary
+        if d.W_dec.device != x.device:
+            d.to(x.device)
+        return d
 
     def splice(self, *, error=True, ablate=None, clamp=None, add=None, mask=None):
         """Replace the site by the dictionary's reconstruction and return the features.
@@ -138,8 +147,8 @@ class Attached:
         error=False writes the bare (edited) reconstruction. mask (batch, pos),
         if given, limits the change to positions where it is true.
         """
-        d = self.dictionary
         x = self.site.read()
+        d = self._on(x)
         f = d.encode(x)
         edited = edit_features(f, ablate, clamp, add) if (ablate or clamp or add) else f
         if error:
@@ -156,8 +165,8 @@ class Attached:
         module (and no mask is given); error=True runs the MLP and keeps the
         transcoder's error term. mask as in splice.
         """
-        d = self.dictionary
         x = self.site.read()
+        d = self._on(x)
         f = d.encode(x)
         edited = edit_features(f, ablate, clamp, add) if (ablate or clamp or add) else f
         prediction = d.decode(edited) + d.skip_term(x)

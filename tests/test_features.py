@@ -322,3 +322,32 @@ def test_matched_l0_interpolates_in_log_l0():
               {"type": "transcoder", "l0": 5000, "ce_increase": 0.0}]  # outside the SAEs' range: left out
     (m,) = matched_l0(points)
     assert m["l0"] == 100 and m["sae_ce_increase"] == pytest.approx(0.2) and m["difference"] == pytest.approx(-0.1)
+
+
+def test_de_embedding_through_a_head_is_its_ov_circuit(tiny_models, tmp_path):
+    """Llama (grouped-query attention), head 2 of layer 1, by hand: W_O^h W_V^g norm(embedding)."""
+    from nnsight_sae_features.deembed import de_embedding, through_head
+
+    model = tiny_models("llama")
+    hf = model._module.model
+    attn, norm = hf.layers[1].self_attn, hf.layers[1].input_layernorm
+    dh, group = 8, 2 // 2  # 4 heads of 8 dims share 2 value heads
+    with torch.no_grad():
+        emb = hf.embed_tokens.weight[[17, 42]]
+        value = norm(emb) @ attn.v_proj.weight[group * dh:(group + 1) * dh].T
+        by_hand = value @ attn.o_proj.weight[:, 2 * dh:3 * dh].T
+    torch.testing.assert_close(through_head(model, emb, (1, 2)), by_hand, rtol=1e-5, atol=1e-6)
+    d = random_dictionary("resid_post.1")
+    scores = de_embedding(model, d, [3, 9], head=(1, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(scores[:, [17, 42]].T, d.pre_acts(by_hand)[:, [3, 9]], rtol=1e-5, atol=1e-5)
+    r = run_analysis("de-embed", model=model, dictionary=d, out_dir=tmp_path / "e", features=[3], head="1.2")
+    assert r["head"] == [1, 2] and len(r["features"][0]["raised"]) == 20
+    with pytest.raises(FeatureError, match="head 2.0 comes after resid_post.1"):
+        de_embedding(model, d, [3], head=(2, 0))
+    with pytest.raises(FeatureError, match="head 1.0 comes after resid_pre.1"):
+        de_embedding(model, random_dictionary("resid_pre.1"), [3], head=(1, 0))
+    with pytest.raises(FeatureError, match="head 9 is out of range: layer 1 has heads 0..3"):
+        de_embedding(model, d, [3], head=(1, 9))
+    with pytest.raises(FeatureError, match="--head takes LAYER.HEAD"):
+        run_analysis("de-embed", model=model, dictionary=d, out_dir=tmp_path / "e", features=[3], head="x")

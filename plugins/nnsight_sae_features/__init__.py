@@ -177,6 +177,7 @@ class DeEmbed(Analysis):
 
         parser.add_argument("--features", type=_csv(int), required=True, help="comma-separated feature indices")
         parser.add_argument("--top", type=int, default=20, help="tokens listed per feature, each end")
+        parser.add_argument("--head", help="LAYER.HEAD: read the embeddings through this attention head's OV circuit")
 
     def run(self, *, model, dictionary, out_dir, options):
         from .deembed import de_embedding
@@ -184,10 +185,22 @@ class DeEmbed(Analysis):
 
         features = check_features(dictionary, options["features"])
         bind(model, dictionary)
-        scores = de_embedding(model, dictionary, features)
+        head = _parse_head(options.get("head"))
+        scores = de_embedding(model, dictionary, features, head=head, chunk=1024 if head else 8192)
         k = min(check_positive("--top", options["top"]), scores.shape[1])
         return {"model": model_id(model), "dictionary": dictionary.type_name, "site": dictionary.site,
+                "head": list(head) if head else None,
                 "features": [{"feature": f, **top_tokens(model.tokenizer, row, k)} for f, row in zip(features, scores)]}
+
+
+def _parse_head(text):
+    if text is None or isinstance(text, (tuple, list)):
+        return tuple(text) if text else None
+    try:
+        layer, head = (int(v) for v in str(text).split("."))
+    except ValueError:
+        raise FeatureError(f"--head takes LAYER.HEAD, e.g. 3.5; got {text!r}") from None
+    return layer, head
 
 
 class TranscoderVsSae(Analysis):
