@@ -161,7 +161,8 @@ def keep_only_metric(model, task, prompts, keep: torch.Tensor, means=None, *, ba
 def attribution_effects(model, task, prompts, *, batch_size: int = 16) -> torch.Tensor:
     """(n_layers, n_heads): attribution patching, the first-order estimate of
     ``mean_ablation_effects``: -(mean_neg_z - z) . d metric / d z per head, summed
-    over positions and averaged over prompts. One forward and backward pass per batch."""
+    over positions and averaged over prompts. Per batch: a forward pass for d metric / d logits,
+    then one forward and backward pass."""
     L = n_layers(model)
     sites = [resolve_site(model, f"head_out.{layer}") for layer in range(L)]
     H = sites[0].n_heads
