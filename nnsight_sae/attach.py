@@ -14,14 +14,13 @@ def site_device(model, site) -> "torch.device":
     device) runs on the model's main GPU, so that is where its activations are."""
     import torch
 
-    for p in site.envoy._module.parameters():
-        if p.device.type != "meta":
-            return p.device
-        placed = set((getattr(model._module, "hf_device_map", None) or {}).values()) - {"cpu", "disk"}
-        if placed:
-            main = min(placed, key=str)
-            return torch.device(f"cuda:{main}" if isinstance(main, int) else main)
-        break
+    first = next(site.envoy._module.parameters(), None)
+    if first is not None and first.device.type != "meta":
+        return first.device
+    placed = set((getattr(model._module, "hf_device_map", None) or {}).values()) - {"cpu", "disk"}
+    if first is not None and placed:  # offloaded
+        main = min(placed, key=str)
+        return torch.device(f"cuda:{main}" if isinstance(main, int) else main)
     # A remote model is all meta here: its dictionaries stay on the CPU (moved on the server).
     return next((p.device for p in model._module.parameters() if p.device.type != "meta"), torch.device("cpu"))
 

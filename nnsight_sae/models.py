@@ -186,6 +186,13 @@ def load_model(name: str | os.PathLike | None = None, *, device_map=None, dtype=
     return model
 
 
+def is_hub_id(name) -> bool:
+    """True for a model name that can only be a Hugging Face Hub id: not the embedded model
+    (None), a ``.gguf`` file or a local path."""
+    return not (name is None or str(name).endswith(".gguf") or Path(name).exists()
+                or str(name).startswith((".", "/", "~")))
+
+
 def _load_local(name, **kw):
     if name is None:
         folder = gguf_to_folder(embedded_gguf_path())
@@ -193,7 +200,7 @@ def _load_local(name, **kw):
         folder = gguf_to_folder(Path(name))
     elif Path(name).is_dir():
         folder = Path(name)
-    elif Path(name).exists() or str(name).startswith((".", "/", "~")):
+    elif not is_hub_id(name):
         raise ModelLoadError(f"{name!r} is not a model folder or .gguf file")
     else:
         folder = name  # a Hub id

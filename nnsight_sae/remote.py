@@ -20,6 +20,7 @@ DEFAULT_MAX_REQUEST_BYTES = 1 << 30
 # Importable while NDIF unpickles a request (protected_environment.py's deserialisation extras).
 UNPICKLE_ALLOWED = NDIF_ALLOWED + ("pickle", "cloudpickle", "copyreg", "_codecs", "nnsight")
 _ATTR = "_nnsight_sae_remote"
+_LAST_REQUEST = "_nnsight_sae_last_request"
 
 
 def max_request_bytes() -> int:
@@ -42,10 +43,9 @@ def check_remote_target(name, remote, device_map) -> None:
         return
     if device_map is not None:
         raise ModelLoadError("device_map does not apply to a remote model: NDIF places it on its own GPUs")
-    from pathlib import Path
+    from .models import is_hub_id
 
-    local = name is None or str(name).endswith(".gguf") or Path(name).exists() or str(name).startswith((".", "/", "~"))
-    if local:
+    if not is_hub_id(name):
         what = "the embedded model" if name is None else f"{str(name)!r}, a local file or folder,"
         raise ModelLoadError(f"remote=True runs on NDIF, which loads models by Hugging Face id; {what} cannot be "
                              "sent: pass a Hub id NDIF hosts (e.g. meta-llama/Llama-3.1-8B), or "
@@ -133,12 +133,12 @@ def check_request(blob: bytes) -> None:
 
 def last_request_bytes(model) -> int | None:
     """The size of the last request this model's traces sent (None before the first)."""
-    return getattr(model, "_nnsight_sae_last_request", None)
+    return getattr(model, _LAST_REQUEST, None)
 
 
 def _checked(model, blob: bytes) -> None:
     check_request(blob)
-    model._nnsight_sae_last_request = len(blob)
+    setattr(model, _LAST_REQUEST, len(blob))
 
 
 def backend(model):

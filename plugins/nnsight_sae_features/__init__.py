@@ -19,6 +19,12 @@ def _add_corpus(parser, tokens: int, ctx_len: int) -> None:
     parser.add_argument("--data", help="local .txt/.jsonl/.parquet corpus (default: the embedded stdlib corpus)")
 
 
+def _add_features(parser) -> None:
+    from nnsight_sae.cli import _csv
+
+    parser.add_argument("--features", type=_csv(int), required=True, help="comma-separated feature indices")
+
+
 def _corpus(model, options):
     """The corpus contexts the options from ``_add_corpus`` ask for."""
     return corpus_tokens(model, n_tokens=options["tokens"], ctx_len=options["ctx_len"], data=options["data"])
@@ -145,9 +151,7 @@ class FeatureReport(Analysis):
     help = "case studies: top contexts, activation histogram, logits moved; an HTML page and JSON"
 
     def add_arguments(self, parser):
-        from nnsight_sae.cli import _csv
-
-        parser.add_argument("--features", type=_csv(int), required=True, help="comma-separated feature indices")
+        _add_features(parser)
         parser.add_argument("--contexts", type=int, default=10, help="top contexts shown per feature")
         _add_corpus(parser, 65_536, 128)
 
@@ -173,9 +177,7 @@ class DeEmbed(Analysis):
     help = "the vocabulary tokens that most excite a feature with no context (embedding x encoder)"
 
     def add_arguments(self, parser):
-        from nnsight_sae.cli import _csv
-
-        parser.add_argument("--features", type=_csv(int), required=True, help="comma-separated feature indices")
+        _add_features(parser)
         parser.add_argument("--top", type=int, default=20, help="tokens listed per feature, each end")
         parser.add_argument("--head", help="LAYER.HEAD: read the embeddings through this attention head's OV circuit")
 

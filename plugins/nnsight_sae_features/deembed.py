@@ -63,7 +63,8 @@ def de_embedding(model, dictionary, features: list[int], *, head: tuple[int, int
     _check_head(dictionary.site, head)
     embed = submodule(root, arch.embed)
     weight = next(embed.parameters())
-    index = torch.tensor(features)
+    d = dictionary.decoder_directions()  # for the dictionary's device and dtype
+    index = torch.tensor(features, device=d.device)
     out = []
     for start in range(0, embed.num_embeddings, chunk):
         ids = torch.arange(start, min(start + chunk, embed.num_embeddings), device=weight.device)
@@ -72,6 +73,5 @@ def de_embedding(model, dictionary, features: list[int], *, head: tuple[int, int
             x = through_head(model, x, head)
         if norm is not None:
             x = norm(x)
-        d = dictionary.decoder_directions()
-        out.append(dictionary.pre_acts(x.to(d.device, d.dtype))[:, index.to(d.device)].float().cpu())
+        out.append(dictionary.pre_acts(x.to(d.device, d.dtype))[:, index].float().cpu())
     return torch.cat(out).T
