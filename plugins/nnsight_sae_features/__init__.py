@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+import torch
+
 from nnsight_sae import Analysis, hookimpl
 from nnsight_sae.models import model_id
 
@@ -249,6 +251,63 @@ class TranscoderVsSae(Analysis):
                                                   if matched else None)}
 
 
+class TranscoderAttribution(Analysis):
+    name = "tc-attribution"
+    help = ("weights-based attribution through transcoders: what feeds a transcoder feature or a token's logit "
+            "on a prompt, through the residual stream and heads' OV circuits; path search, graph")
+
+    def add_arguments(self, parser):
+        parser.add_argument("--prompt", required=True, help="the prompt; the target is at its last token")
+        parser.add_argument("--feature", type=int, help="target: this feature of --dict (a transcoder)")
+        parser.add_argument("--target-token", help="target: this token's logit (one token of text)")
+        parser.add_argument("--upstream", action="append", default=[], metavar="DIR",
+                            help="a transcoder at another layer, whose MLP is split into its features (repeat)")
+        parser.add_argument("--depth", type=int, default=3, help="steps of the path search (a head is a step)")
+        parser.add_argument("--width", type=int, default=4, help="parts kept per node, by |contribution|")
+
+    def run(self, *, model, dictionary, out_dir, options):
+        from nnsight_sae.files import load_dictionary
+        from nnsight_sae.sites import site_layer
+
+        from .tcattr import (attribute, capture, check_active, check_transcoders, one_token, plot_attribution,
+                             target_node, tree_json, unembedding)
+
+        feature, text = options["feature"], options["target_token"]
+        if (feature is None) == (text is None):
+            raise FeatureError("give one target: --feature N (a feature of --dict) or --target-token TEXT")
+        if feature is not None:
+            feature = check_features(dictionary, [feature])[0]
+        depth = check_positive("--depth", options["depth"])
+        width = check_positive("--width", options["width"])
+        if not options["prompt"]:
+            raise FeatureError("--prompt is empty")
+        chain = check_transcoders(model, dictionary, [load_dictionary(p) for p in options["upstream"]],
+                                  feature_target=feature is not None)
+        tokenizer = model.tokenizer
+        token = None if text is None else one_token(tokenizer, text)
+        ids = tokenizer(options["prompt"])["input_ids"]
+        cap = capture(model, ids, chain)
+        layer = site_layer(dictionary.site)
+        if feature is not None:
+            check_active(cap, layer, feature, tokenizer)
+            root = target_node(cap, layer=layer, feature=feature)
+            target = {"feature": feature, "site": dictionary.site}
+        else:
+            unembed = unembedding(model)
+            weights = torch.zeros(len(unembed))
+            weights[token] = 1.0
+            root = target_node(cap, logit_weights=weights, unembed=unembed, text=text)
+            target = {"token": text, "token_id": token}
+        checks = attribute(cap, root, depth=depth, width=width)
+        tokens = [tokenizer.decode([i]) for i in ids]
+        tree = tree_json(root, tokens)
+        plot_attribution(tree, out_dir / "tc-attribution.png",
+                         title=f"{tree['label']}: {root.value:.3g} (edge: contribution to it)")
+        return {"model": model_id(model), "prompt": options["prompt"], "tokens": tokens, "target": target,
+                "value": root.value, "transcoders": [d.site for d in chain], "depth": depth, "width": width,
+                **checks, "plot": "tc-attribution.png", "tree": tree}
+
+
 @hookimpl
 def nnsight_sae_analyses():
-    return [FeaturePatching(), CausalTree(), FeatureReport(), DeEmbed(), TranscoderVsSae()]
+    return [FeaturePatching(), CausalTree(), FeatureReport(), DeEmbed(), TranscoderVsSae(), TranscoderAttribution()]

@@ -152,3 +152,44 @@ def clean_prefix(model, site, enc: dict):
         before = layers[-1].read().save()
         tracer.stop()
     return layers, before
+
+
+def draw_tree(tree: dict, path, *, box, edge, title: str) -> None:
+    """A tree of dicts (each with optional "children") as boxes joined by edges, root on top;
+    box(node) and edge(child) give the texts."""
+    from nnsight_sae.analysis import pyplot, save_figure
+
+    placed, edges, depth = [], [], [0]
+
+    def place(n, level, next_x):
+        depth[0] = max(depth[0], level)
+        if n.get("children"):
+            xs = []
+            for child in n["children"]:
+                next_x, x = place(child, level + 1, next_x)
+                xs.append(x)
+                edges.append((n, child))
+            x = sum(xs) / len(xs)
+        else:
+            x, next_x = next_x, next_x + 1
+        n["_xy"] = (x, -level)
+        placed.append(n)
+        return next_x, x
+
+    n_leaves, _ = place(tree, 0, 0)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 2.4 * n_leaves), 2.2 * (depth[0] + 1)))
+    for parent, child in edges:
+        (x0, y0), (x1, y1) = parent["_xy"], child["_xy"]
+        ax.plot([x0, x1], [y0, y1], color="grey", zorder=1)
+        ax.text((x0 + x1) / 2, (y0 + y1) / 2, edge(child), fontsize=8, ha="center",
+                bbox={"facecolor": "white", "edgecolor": "none"})
+    for n in placed:
+        x, y = n.pop("_xy")
+        ax.text(x, y, box(n), ha="center", va="center", fontsize=8, zorder=2,
+                bbox={"boxstyle": "round", "facecolor": "#fde9c8" if y == 0 else "#dceefb"})
+    ax.set_xlim(-0.8, n_leaves - 0.2)
+    ax.set_ylim(-depth[0] - 0.5, 0.5)
+    ax.axis("off")
+    ax.set_title(title)
+    save_figure(fig, path)

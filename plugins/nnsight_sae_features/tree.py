@@ -21,7 +21,7 @@ import torch
 
 from nnsight_sae.harvest import forward_order
 
-from .common import (FeatureError, ablation_deltas, clean_prefix, feature_activations, prefix_batch,
+from .common import (FeatureError, ablation_deltas, clean_prefix, draw_tree, feature_activations, prefix_batch,
                      run_with_additions, site_codes)
 
 
@@ -126,42 +126,9 @@ def check_chain(chain: list) -> None:
 def plot_tree(tree: dict, path) -> None:
     """The tree as boxes (site, feature, its commonest firing token) joined by edges labelled
     with the drop of the parent when the child is ablated."""
-    from nnsight_sae.analysis import pyplot, save_figure
-
-    placed, edges, depth = [], [], [0]
-
-    def place(n, level, next_x):
-        depth[0] = max(depth[0], level)
-        if n.get("children"):
-            xs = []
-            for child in n["children"]:
-                next_x, x = place(child, level + 1, next_x)
-                xs.append(x)
-                edges.append((n, child))
-            x = sum(xs) / len(xs)
-        else:
-            x, next_x = next_x, next_x + 1
-        n["_xy"] = (x, -level)
-        placed.append(n)
-        return next_x, x
-
-    n_leaves, _ = place(tree, 0, 0)
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(max(6, 2.4 * n_leaves), 2.2 * (depth[0] + 1)))
-    for parent, child in edges:
-        (x0, y0), (x1, y1) = parent["_xy"], child["_xy"]
-        ax.plot([x0, x1], [y0, y1], color="grey", zorder=1)
-        ax.text((x0 + x1) / 2, (y0 + y1) / 2, f"-{child['drop']:.2f} ({child['drop_fraction']:.0%})", fontsize=8,
-                ha="center",
-                bbox={"facecolor": "white", "edgecolor": "none"})
-    for n in placed:
-        x, y = n.pop("_xy")
+    def box(n):
         token = n["top_tokens"][0] if n.get("top_tokens") else n.get("strongest_on")
-        token = f"\n{token!r}" if token is not None else ""
-        ax.text(x, y, f"{n['site']}\n#{n['feature']}{token}", ha="center", va="center", fontsize=8, zorder=2,
-                bbox={"boxstyle": "round", "facecolor": "#fde9c8" if y == 0 else "#dceefb"})
-    ax.set_xlim(-0.8, n_leaves - 0.2)
-    ax.set_ylim(-depth[0] - 0.5, 0.5)
-    ax.axis("off")
-    ax.set_title(f"causal tree of {tree['site']} feature {tree['feature']} (edge: mean drop when ablated)")
-    save_figure(fig, path)
+        return f"{n['site']}\n#{n['feature']}" + (f"\n{token!r}" if token is not None else "")
+
+    draw_tree(tree, path, box=box, edge=lambda n: f"-{n['drop']:.2f} ({n['drop_fraction']:.0%})",
+              title=f"causal tree of {tree['site']} feature {tree['feature']} (edge: mean drop when ablated)")
