@@ -30,6 +30,9 @@ def test_topk_and_relu_on_resid_post_6(smol_resid6):
     assert relu["l0"] <= 90
 
 
+LAYERS = (0, 3, 10, 20)
+
+
 @pytest.fixture(scope="module")
 def transcoders(tmp_path_factory, train_cli):
     """Transcoders on SmolLM2's MLPs 0, 3, 10 and 20 (d_sae 4608, L1 5e-4), trained in lockstep on
@@ -43,9 +46,6 @@ def transcoders(tmp_path_factory, train_cli):
         train_cli(out, "--type", "transcoder", "--site", ",".join(f"mlp_in.{layer}" for layer in LAYERS),
                   "--tokens", 150_000, "--epochs", 2, "--d-sae", 4608, "--eval-tokens", 4096)
     return {layer: out / f"transcoder-mlp_in.{layer}-4608" for layer in LAYERS}
-
-
-LAYERS = (0, 3, 10, 20)
 
 
 @pytest.mark.parametrize("layer", [3, 10, 20])
