@@ -35,7 +35,7 @@ import torch
 from nnsight_sae.models import trace_options
 from nnsight_sae.sites import architecture_of, join_path, n_layers, resolve_site, submodule, torch_module
 
-from .common import FeatureError
+from .common import FeatureError, bind
 
 EXPANDABLE = ("feature", "head")
 
@@ -238,7 +238,7 @@ def split(cap: Capture, node: Node) -> list[Node]:
         L = cap.layers[node.layer]
         u = L.mlp_scale[node.pos] * L.mlp_gain * _f64(d.W_enc[:, node.index])
         parts = residual_parts(cap, u, node.pos, attn_upto=node.layer + 1, mlp_upto=node.layer, scale=node.scale)
-        return parts + [Node("bias", node.pos, node.scale * float(d.b_enc.detach()[node.index]), layer=node.layer,
+        return parts + [Node("bias", node.pos, node.scale * float(_f64(d.b_enc[node.index])), layer=node.layer,
                              which="encoder")]
     if node.kind == "logit":
         u = cap.final_scale[node.pos] * cap.final_gain * node.read
@@ -310,8 +310,6 @@ def check_transcoders(model, target, upstream: list, *, feature_target: bool) ->
     """The transcoders of one decomposition, target first: each a transcoder from its layer's
     MLP input to that MLP's output, at most one per layer, the upstream ones before a target
     feature's layer."""
-    from .common import bind
-
     chain = [target] + list(upstream)
     layers = []
     for d in chain:
