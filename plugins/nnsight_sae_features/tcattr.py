@@ -35,7 +35,7 @@ import torch
 from nnsight_sae.models import trace_options
 from nnsight_sae.sites import architecture_of, join_path, n_layers, resolve_site, submodule, torch_module
 
-from .common import FeatureError, bind
+from .common import FeatureError, bind, draw_tree
 
 EXPANDABLE = ("feature", "head")
 
@@ -383,7 +383,5 @@ def tree_json(node: Node, tokens: list[str]) -> dict:
 
 def plot_attribution(tree: dict, path, title: str) -> None:
     """The path-search tree, target on top; each edge is the child's contribution to the target."""
-    from .common import draw_tree
-
     draw_tree(tree, path, box=lambda n: n["label"].replace(" @", "\n@"), edge=lambda n: f"{n['value']:+.3g}",
               title=title)
