@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 
 import nnsight_sae as ns
-from nnsight_sae.analysis import pyplot, save_figure, write_json
-from nnsight_sae.circuits import get_task
+from nnsight_sae.atomic import write_json
 from nnsight_sae.models import trace_options
 from nnsight_sae.pipeline import DataSpec, RunSpec, train_and_evaluate
+from nnsight_sae.plots import pyplot, save_figure
+from nnsight_sae.tasks import get_task
 from nnsight_sae_features.deembed import de_embedding
 from nnsight_sae_features.tcattr import (attribute, capture, plot_attribution, split, target_node, tree_json,
                                          unembedding)

@@ -38,7 +38,7 @@ def attach(model, dictionary: Dictionary) -> Attached:
         raise DictionaryError(f"dictionary d_in={dictionary.d_in} does not match site {site.name!r} "
                               f"of this model (width {site.d_in})")
     out_site = mlp = None
-    out_name = dictionary.cfg.get("out_site")
+    out_name = dictionary.out_site
     if out_name:
         out_site = resolve_site(model, out_name)
         if out_site.d_in is not None and out_site.d_in != dictionary.d_out:

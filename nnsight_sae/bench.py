@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .analysis import write_json
+from .atomic import write_json
 
 
 class _Stop(Exception):
@@ -183,9 +183,9 @@ def bench_circuit(model, out: Path, *, task="ioi", method=None, n_prompts=40, ro
     circuit runs around one reference run, which takes minutes)."""
     import tempfile
 
-    from .circuits import DEFAULT_METHOD, run_circuit, run_reference
+    from .circuits import circuit_method, run_circuit, run_reference
 
-    method = method or DEFAULT_METHOD
+    method = circuit_method(method).name
     circuit_seconds = []
     with tempfile.TemporaryDirectory() as scratch:
         def ours():

@@ -1,40 +1,69 @@
-"""Circuit discovery runs: score every attention head for a task, compare with a
-patching reference, write circuit.json / reference.json and the plots.
+"""Circuit discovery runs: score every attention head for a task with a circuit method,
+compare with the patching reference, check faithfulness, write circuit.json /
+reference.json and the plots.
 
-Methods and tasks come from plugins. A circuit method is an Analysis with
-``circuit_method = True`` and ``score_heads(model, task, prompts, *, train_index, seed,
-reduce, seconds) -> (L, H)`` (``signed = True`` where the scores are signed effect
-estimates). A task has ``prompts(tokenizer, n, seed=0, split="train") -> TaskPrompts``
-and ``metric(last_logits, prompts) -> (n,)``.
+Methods and tasks come from plugins (``nnsight_sae_circuit_methods``,
+``nnsight_sae_tasks``); the reference and the faithfulness check are the head-ablation
+machinery of ``nnsight_sae.heads``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import torch
 
-from .analysis import pyplot, save_figure, write_json
-from .errors import NnsightSaeError
+from .atomic import write_json
+from .errors import NnsightSaeError, OptionError
+from .heads import keep_only_metric, mean_ablation_effects, negative_means
 from .models import model_id
+from .options import NoOptions
+from .plots import pyplot, save_figure
 from .plugins import registry
+from .tasks import get_task
 
 
-def get_task(name: str):
-    """A registered task by name, or a JSONL task file by path."""
-    if name.endswith(".jsonl"):
-        if not Path(name).is_file():
-            raise NnsightSaeError(f"no such task file: {name}")
-        return type(registry().get("tasks", "file"))(name)
-    return registry().get("tasks", name)
+class CircuitMethod:
+    """A way to score every attention head for a task (``nnsight-sae circuit --method NAME``).
+
+    Subclasses set ``name`` and ``help``, declare their settings in ``Options`` and
+    implement ``score_heads(model, task, prompts, *, train_index, seed, options, seconds)``:
+    an (n_layers, n_heads) tensor, higher = more likely in the circuit; the method may fit
+    on the prompts in ``train_index`` and record "harvest", "fit" and "score" times in
+    ``seconds``. ``signed = True``: the scores are estimates of each head's effect on the
+    task metric (heads then rank by their absolute value). ``default = True`` makes it the
+    method ``circuit`` runs when none is named."""
+
+    name = ""
+    help = ""
+    signed = False
+    default = False
+    Options = NoOptions
+
+    def score_heads(self, model, task, prompts, *, train_index, seed, options, seconds) -> torch.Tensor:
+        raise NotImplementedError
 
 
-def circuit_methods() -> dict:
-    return {n: e.obj for n, e in registry().analyses.items() if getattr(e.obj, "circuit_method", False)}
+def circuit_method(name: str | None = None) -> CircuitMethod:
+    """The registered method ``name``, or the default one."""
+    reg = registry()
+    if name is not None:
+        return reg.get("circuit_methods", name)
+    defaults = [e.obj for e in reg.circuit_methods.values() if e.obj.default]
+    if len(defaults) != 1:
+        raise NnsightSaeError(f"{len(defaults)} circuit methods say they are the default; name one with --method "
+                              f"({', '.join(sorted(reg.circuit_methods)) or 'none registered'})")
+    return defaults[0]
 
 
-DEFAULT_METHOD = "attribution"
+def method_options(method: CircuitMethod, task, options: dict | None = None):
+    """The method's options: its defaults, then what the task recommends for it, then ``options``."""
+    try:
+        return method.Options(**{**task.method_defaults.get(method.name, {}), **(options or {})})
+    except OptionError as e:
+        raise OptionError(f"circuit method {method.name!r}: {e}") from None
 
 
 def _task_prompts(model, task_name: str, n_prompts: int, seed: int, split: str):
@@ -52,10 +81,9 @@ def run_reference(model, task_name: str, out: str | Path, *, n_prompts: int = 40
                   split: str = "train", progress: bool = True) -> dict:
     """Exhaustive single-head mean ablation; writes reference.json. The circuit is the
     ``top`` heads by |effect|."""
-    method = registry().get("analyses", "reference")
     task, prompts = _task_prompts(model, task_name, n_prompts, seed, split)
     t = time.perf_counter()
-    effects = method.score_heads(model, task, prompts, progress=progress)
+    effects = mean_ablation_effects(model, task, prompts, progress=progress)
     seconds = time.perf_counter() - t
     return write_reference(out, task=task_name, model=model_id(model), method="mean-ablation", seconds=seconds,
                            n_prompts=len(prompts), split=split, seed=seed, effects=effects, top=top)
@@ -74,8 +102,6 @@ def write_reference(out, *, task, model, method, seconds, n_prompts, split, seed
 
 def read_reference(folder: str | Path) -> dict:
     """reference.json from a folder, or a typed error saying what is wrong."""
-    import json
-
     try:
         ref = json.loads((Path(folder) / "reference.json").read_text())
         ref["circuit"], ref["heads"]  # noqa: B018 - the fields every comparison needs
@@ -98,11 +124,12 @@ def reference_sets(ref: dict, shape, sizes=(10, 30)) -> dict[int, torch.Tensor]:
     return sets
 
 
-def run_circuit(model, task_name: str, out: str | Path, *, method: str = DEFAULT_METHOD, n_prompts: int = 40,
-                n_train: int = 10, seed: int = 0, split: str = "train", reduce: str = "mean",
+def run_circuit(model, task_name: str, out: str | Path, *, method: str | None = None, options: dict | None = None,
+                n_prompts: int = 40, n_train: int = 10, seed: int = 0, split: str = "train",
                 reference: str | Path | None = None, faithfulness_k: int | None = None, n_random: int = 5,
                 curve: list[int] | None = None, progress: bool = True) -> dict:
-    """Score every head with a circuit method; writes circuit.json and a heat map
+    """Score every head with a circuit method (the default one unless ``method`` names
+    another; ``options`` its settings); writes circuit.json and a heat map
     (and a ROC curve when a reference folder is given); a signed method (attribution)
     also writes its estimates as reference.json, so other methods can be scored against it.
 
@@ -112,11 +139,9 @@ def run_circuit(model, task_name: str, out: str | Path, *, method: str = DEFAULT
     Faithfulness: the task metric with only the top k heads left (every other head
     mean-ablated), as a fraction of clean minus all-ablated, against random k-head sets;
     with ``curve`` (a list of k), also at each of those k, plotted in faithfulness.png."""
-    methods = circuit_methods()
-    if method not in methods:
-        raise NnsightSaeError(f"unknown circuit method {method!r}; methods: {', '.join(sorted(methods))}")
-    if reduce not in ("mean", "last"):
-        raise NnsightSaeError(f"--reduce must be mean or last, not {reduce!r}")
+    scorer = circuit_method(method)
+    task = get_task(task_name)
+    settings = method_options(scorer, task, options)
     if faithfulness_k is not None and faithfulness_k <= 0:
         raise NnsightSaeError(f"--k must be positive, not {faithfulness_k}")
     if curve and min(curve) <= 0:
@@ -128,23 +153,23 @@ def run_circuit(model, task_name: str, out: str | Path, *, method: str = DEFAULT
                               f"not {task_name!r} on {model_id(model)!r}; make one with "
                               f"`nnsight-sae reference --task {task_name} --out DIR`")
     t0 = time.perf_counter()
-    task, prompts = _task_prompts(model, task_name, n_prompts, seed, split)
+    prompts = task.prompts(model.tokenizer, n_prompts, seed=seed, split=split)
     if len(prompts) < n_train:
         raise NnsightSaeError(f"only {len(prompts)} usable prompts ({prompts.skipped} skipped); need {n_train}")
     seconds = {}
-    scores = methods[method].score_heads(model, task, prompts, train_index=list(range(n_train)), seed=seed,
-                                         reduce=reduce, seconds=seconds)
+    scores = scorer.score_heads(model, task, prompts, train_index=list(range(n_train)), seed=seed,
+                                options=settings, seconds=seconds)
     seconds["total"] = round(time.perf_counter() - t0, 2)
     for key in ("harvest", "fit", "score"):
         seconds.setdefault(key, 0.0)
-    effects = scores if methods[method].signed else None
+    effects = scores if scorer.signed else None
     scores = scores.abs() if effects is not None else scores
     heads = _ranked(scores, "score", lambda v: -v)
     if effects is not None:
         for h in heads:
             h["effect"] = float(effects[h["layer"], h["head"]])
-    result = {"task": task_name, "model": model_id(model), "method": method, "n_train_prompts": n_train,
-              "n_prompts": len(prompts), "split": split, "seed": seed, "reduce": reduce, "seconds": seconds,
+    result = {"task": task_name, "model": model_id(model), "method": scorer.name, "options": settings.as_dict(),
+              "n_train_prompts": n_train, "n_prompts": len(prompts), "split": split, "seed": seed, "seconds": seconds,
               "heads": heads, "reference": str(reference) if reference else None}
     truth = None
     if ref is not None:
@@ -155,19 +180,19 @@ def run_circuit(model, task_name: str, out: str | Path, *, method: str = DEFAULT
         result["metrics"] = {"roc_auc": roc_auc(scores, truth), "precision_at_k": precision,
                              "recall_at_k": recall, "k": k,
                              "roc_auc_top": {str(n): roc_auc(scores, m) for n, m in sorted(sets.items())}}
-        plot_roc(scores, truth, Path(out) / "roc.png", title=f"{task_name}: {method}")
+        plot_roc(scores, truth, Path(out) / "roc.png", title=f"{task_name}: {scorer.name}")
     k = faithfulness_k or (int(truth.sum()) if truth is not None else 20)
     if effects is not None:  # a signed method's estimates can serve as a reference for other methods
-        write_reference(out, task=task_name, model=result["model"], method=method, seconds=seconds["total"],
+        write_reference(out, task=task_name, model=result["model"], method=scorer.name, seconds=seconds["total"],
                         n_prompts=len(prompts), split=split, seed=seed, effects=effects, top=k)
     result["faithfulness"] = faithfulness(model, task, prompts, scores, k, effects=effects, n_random=n_random,
                                           seed=seed, curve=curve)
     if curve:
         plot_faithfulness(result["faithfulness"]["curve"], Path(out) / "faithfulness.png",
-                          title=f"{task_name}: {method}, heads kept alone")
+                          title=f"{task_name}: {scorer.name}, heads kept alone")
     plot_heatmap(scores, Path(out) / "heads.png", truth=truth,
-                 title=f"{task_name}: {method} scores (reference heads outlined)" if ref
-                 else f"{task_name}: {method} scores")
+                 title=f"{task_name}: {scorer.name} scores (reference heads outlined)" if ref
+                 else f"{task_name}: {scorer.name} scores")
     write_json(Path(out) / "circuit.json", result)
     return result
 
@@ -180,11 +205,10 @@ def faithfulness(model, task, prompts, scores: torch.Tensor, k: int, *, effects:
     effect estimates, also the k heads of largest positive effect ("top_k_positive"):
     the heads that do the task, without those that work against it. ``curve``: the
     same fractions at each of these k (two random sets each), under "curve"."""
-    ablation = registry().get("analyses", "reference")  # the plugin that owns head ablation
     t = time.perf_counter()
     L, H = scores.shape
-    means = ablation.negative_means(model, prompts)
-    run = lambda keep: float(ablation.keep_only_metric(model, task, prompts, keep, means).mean())  # noqa: E731
+    means = negative_means(model, prompts)
+    run = lambda keep: float(keep_only_metric(model, task, prompts, keep, means).mean())  # noqa: E731
     clean = run(torch.ones(L, H, dtype=torch.bool))
     ablated = run(torch.zeros(L, H, dtype=torch.bool))
     fraction = lambda m: (m - ablated) / (clean - ablated) if clean != ablated else float("nan")  # noqa: E731

@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import NnsightSaeError
+from .errors import NnsightSaeError, PluginError
+from .options import REQUIRED, Option, Options
 
 
 def cmd_info(args) -> int:
@@ -21,16 +22,15 @@ def cmd_info(args) -> int:
 def cmd_analyze(args) -> int:
     from .analysis import run_analysis
     from .files import load_dictionary
+    from .plugins import registry
 
-    dictionary = load_dictionary(args.dict)  # checked before the model is loaded
+    analysis = registry().get("analyses", args.analysis)
+    options = analysis.options(**given(args, analysis.Options))  # checked before anything loads
+    dictionary = load_dictionary(args.dict)
     model = _load_model(args)
-    options = {k: v for k, v in vars(args).items() if k not in _COMMON}
-    run_analysis(args.analysis, model=model, dictionary=dictionary, out_dir=args.out, **options)
+    run_analysis(args.analysis, model=model, dictionary=dictionary, out_dir=args.out, **options.as_dict())
     print(f"wrote {args.out}/{args.analysis}.json")
     return 0
-
-
-_COMMON = {"command", "func", "analysis", "dict", "model", "device_map", "remote", "out"}
 
 
 class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -47,6 +47,74 @@ def _csv(kind):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
     return parse
+
+
+def _flags(name: str, option: Option) -> list[str]:
+    return [f"--{name.replace('_', '-')}", *option.flags]
+
+
+def _add_option(parser, name: str, option: Option, *, default, required: bool, help: str) -> None:
+    kw = {"dest": name, "default": default, "help": help}
+    if option.kind is bool and not option.many:
+        kw["action"] = argparse.BooleanOptionalAction
+    else:
+        kw["type"] = _csv(option.kind) if option.many and not option.repeat else option.kind
+        kw.update(required=required, metavar=option.metavar, choices=option.choices)
+        if option.repeat:
+            kw["action"] = "append"
+    try:
+        parser.add_argument(*_flags(name, option), **kw)
+    except argparse.ArgumentError as e:
+        raise PluginError(f"option {name!r} clashes with a flag nnsight-sae already has: {e}") from None
+
+
+def add_options(parser, options: type[Options]) -> None:
+    """Flags for every command-line option an Options class declares, with its defaults."""
+    for name, option in options.declared().items():
+        if option.cli:
+            default = None if option.required or option.repeat else option.default
+            _add_option(parser, name, option, default=default, required=option.required, help=option.help)
+
+
+def add_merged_options(parser, owners: dict[str, type[Options]]) -> None:
+    """Flags for the options of several owners (dictionary types, circuit methods) in one
+    parser: each flag once, its help saying whose it is and each owner's default. Unset
+    flags are None, so each owner keeps its own default."""
+    merged: dict[str, list] = {}
+    for owner, options in sorted(owners.items()):
+        for name, option in options.declared().items():
+            if option.cli:
+                merged.setdefault(name, []).append((owner, option))
+    for name, uses in merged.items():
+        first_owner, first = uses[0]
+        for owner, option in uses[1:]:
+            if (option.kind, option.many) != (first.kind, first.many):
+                raise PluginError(f"option {name!r} means different things to {first_owner!r} and {owner!r}")
+        defaults = "; ".join(f"{owner}: {option.default!r}" for owner, option in uses if option.default not in (None, REQUIRED))
+        flags = list(dict.fromkeys(f for _, option in uses for f in option.flags))
+        union = Option(first.kind, None, first.help, many=first.many, repeat=first.repeat, flags=flags,
+                       metavar=first.metavar, choices=first.choices)
+        _add_option(parser, name, union, default=None, required=False,
+                    help=f"{first.help} ({defaults or 'for ' + ', '.join(o for o, _ in uses)})")
+
+
+def given(args, options: type[Options]) -> dict:
+    """The values of an Options class' flags that were set on the command line."""
+    return {name: getattr(args, name) for name, option in options.declared().items()
+            if option.cli and getattr(args, name, None) is not None}
+
+
+def _only_for(args, owners: dict[str, type[Options]], chosen: list[str], what: str) -> dict:
+    """The merged flags that were set, each checked to be an option of a chosen owner."""
+    values = {}
+    for owner, options in owners.items():
+        values.update(given(args, options))
+    for name in values:
+        if not any(name in owners[c].declared() for c in chosen):
+            takers = ", ".join(sorted(o for o, options in owners.items() if name in options.declared()))
+            raise NnsightSaeError(f"--{name.replace('_', '-')} is not an option of {what} {', '.join(chosen)} "
+                                  f"(it is one of {takers})")
+    return values
 
 
 def _add_data(p, tokens_default):
@@ -73,28 +141,40 @@ def _fail_if_exists(out, resume=False):
         raise NnsightSaeError(f"{out} exists and is not empty; choose another --out (or --resume)")
 
 
-def cmd_train(args) -> int:
-    from .pipeline import RunSpec, end_distributed, train_and_evaluate
+def _type_options() -> dict[str, type[Options]]:
     from .plugins import registry
 
-    for t in args.type:  # check what needs no model first, so bad input costs nothing
-        registry().get("dictionary_types", t)
+    return {name: entry.obj.config_class for name, entry in registry().dictionary_types.items()}
+
+
+def _method_options() -> dict[str, type[Options]]:
+    from .plugins import registry
+
+    return {name: entry.obj.Options for name, entry in registry().circuit_methods.items()}
+
+
+def cmd_train(args) -> int:
+    from . import distributed
+    from .pipeline import RunSpec, train_and_evaluate, type_options
+    from .plugins import registry
+    from .sites import resolve_site
+
+    types = {t: registry().get("dictionary_types", t) for t in args.type}  # bad input costs nothing
+    hyper = _only_for(args, _type_options(), args.type, "--type")
+    for cls in types.values():  # each type's options checked now, with a placeholder width
+        for site in args.site:
+            cls.config_class(d_in=1, d_sae=1 << 30, site=site, **type_options(cls, hyper))
     if args.tokens <= 0 or args.epochs <= 0 or args.batch_size <= 0:
         raise NnsightSaeError("--tokens, --epochs and --batch-size must be positive")
     _fail_if_exists(args.out, args.resume)
     model = _load_model(args)
-    from .sites import resolve_site
-
     widths = args.d_sae or sorted({args.expansion * resolve_site(model, s).d_in for s in args.site})
-    hyper = {k: v for k, v in {"k": args.k, "l1_coefficient": args.l1, "tied": args.tied or None,
-                               "skip": args.skip or None, "k_warmup": args.k_warmup or None}.items()
-             if v is not None}
     run = RunSpec(types=args.type, sites=args.site, d_sae=widths, hyper=hyper, epochs=args.epochs,
                   batch_size=args.batch_size, buffer_rows=args.buffer_rows)
     config = {"lr": args.lr, "seed": args.seed, "checkpoint_every": args.checkpoint_every}
     results = train_and_evaluate(model, _data_spec(args, tokens=args.tokens, eval_tokens=args.eval_tokens),
                                  run, config, args.out, resume=args.resume)
-    end_distributed()
+    distributed.end()
     if results:  # data-parallel runs: only the first process saves and evaluates
         print(json.dumps(results, indent=2))
     return 0
@@ -108,7 +188,7 @@ def cmd_bench(args) -> int:
     if args.what == "train":
         results = bench.bench_train(out)
     elif args.what == "circuit":
-        from .circuits import get_task
+        from .tasks import get_task
 
         get_task(args.task)  # bad input fails before the model loads
         results = bench.bench_circuit(_load_model(args), out, task=args.task, method=args.method)
@@ -120,19 +200,21 @@ def cmd_bench(args) -> int:
 
 
 def cmd_circuit(args) -> int:
-    from .circuits import circuit_methods, get_task, read_reference, run_circuit
+    from .circuits import circuit_method, method_options, read_reference, run_circuit
+    from .tasks import get_task
 
-    get_task(args.task)  # bad input fails before the model loads
-    if args.method not in circuit_methods():
-        raise NnsightSaeError(f"unknown circuit method {args.method!r}; methods: {', '.join(sorted(circuit_methods()))}")
+    task = get_task(args.task)  # bad input fails before the model loads
+    method = circuit_method(args.method)
+    options = _only_for(args, _method_options(), [method.name], "--method")
+    method_options(method, task, options)
     if args.reference:
         read_reference(args.reference)
     model = _load_model(args)
-    result = run_circuit(model, args.task, args.out, method=args.method, n_prompts=args.n_prompts,
-                         n_train=args.n_train, seed=args.seed, split=args.prompts, reduce=args.reduce,
-                         reference=args.reference, faithfulness_k=args.k, curve=args.curve)
+    result = run_circuit(model, args.task, args.out, method=method.name, options=options, n_prompts=args.n_prompts,
+                         n_train=args.n_train, seed=args.seed, split=args.prompts, reference=args.reference,
+                         faithfulness_k=args.k, curve=args.curve)
     top = ", ".join(f"L{h['layer']}H{h['head']}" for h in result["heads"][:10])
-    print(f"{args.task} / {args.method} on {result['n_prompts']} {args.prompts} prompts: top heads {top}")
+    print(f"{args.task} / {method.name} on {result['n_prompts']} {args.prompts} prompts: top heads {top}")
     if "metrics" in result:
         m = result["metrics"]
         print(f"ROC AUC {m['roc_auc']:.3f} against the reference's {m['k']} heads ("
@@ -155,7 +237,8 @@ def cmd_circuit(args) -> int:
 
 
 def cmd_reference(args) -> int:
-    from .circuits import get_task, run_reference
+    from .circuits import run_reference
+    from .tasks import get_task
 
     get_task(args.task)
     if args.top <= 0:
@@ -169,7 +252,7 @@ def cmd_reference(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .analysis import write_json
+    from .atomic import write_json
     from .evaluate import evaluate
     from .files import load_dictionary
     from .pipeline import token_contexts
@@ -226,7 +309,7 @@ def _add_prompts(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .circuits import DEFAULT_METHOD
+    from .plugins import registry
 
     parser = argparse.ArgumentParser(
         prog="nnsight-sae", description="Sparse dictionaries as nnsight interventions.")
@@ -242,12 +325,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-sae", type=_csv(int), help="dictionary width(s) (default: --expansion x site width)")
     p.add_argument("--expansion", type=int, default=8)
     p.add_argument("--epochs", type=int, default=1, help="passes over the harvested tokens")
-    p.add_argument("--k", type=int, help="active features for topk / batchtopk (default 32)")
-    p.add_argument("--k-warmup", action="store_true",
-                   help="topk: start at 4k active features and anneal to k over the sparsity warm-up")
-    p.add_argument("--l1", type=float, help="sparsity coefficient for relu, jumprelu, gated, transcoder")
-    p.add_argument("--tied", action="store_true", help="relu: tied encoder/decoder")
-    p.add_argument("--skip", action="store_true", help="transcoder: add a linear skip term")
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--batch-size", type=int, default=256, help="activation rows per step")
     p.add_argument("--buffer-rows", type=int, default=65536, help="rows in the shuffling buffer")
@@ -256,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     _add_data(p, 300_000)
+    add_merged_options(p.add_argument_group("dictionary options (each applies to the types that declare it)"),
+                       _type_options())
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a dictionary on held-out text")
@@ -268,19 +347,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("circuit", help="score every attention head for a task; circuit.json + plots")
     p.add_argument("--task", required=True, help="ioi, greater-than, docstring, or a PATH.jsonl task file")
     p.add_argument("--out", required=True)
-    p.add_argument("--method", default=DEFAULT_METHOD,
-                   help=f"a circuit method (see `info`): {DEFAULT_METHOD} (default), code-overlap, code-overlap-edges, "
-                        "mean-diff, or one a plugin registers")
+    methods = registry().circuit_methods
+    default = [n for n, e in methods.items() if e.obj.default]
+    p.add_argument("--method", help=f"a circuit method: {', '.join(sorted(methods))} "
+                                    f"(default: {', '.join(default) or 'none'})")
     p.add_argument("--reference", help="folder holding reference.json, for ROC AUC / precision / recall")
     p.add_argument("--n-prompts", type=int, default=40)
     p.add_argument("--n-train", type=int, default=10, help="prompts the method may fit on")
-    p.add_argument("--reduce", choices=["mean", "last"], default="mean",
-                   help="code-overlap / mean-diff: head outputs averaged over positions or at the last one")
     p.add_argument("--k", type=int, help="heads kept for the faithfulness check (default: the reference's size, or 20)")
     p.add_argument("--curve", type=_csv(int), nargs="?", const=[5, 10, 20, 40, 80, 160],
                    help="faithfulness at several k (default 5,10,20,40,80,160): faithfulness.png")
     _add_prompts(p)
     _add_model(p)
+    add_merged_options(p.add_argument_group("method options (each applies to the methods that declare it)"),
+                       _method_options())
     p.set_defaults(func=cmd_circuit)
 
     p = sub.add_parser("reference", help="per-head mean-ablation reference circuit; reference.json")
@@ -296,25 +376,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["harvest", "train", "splice", "circuit"])
     p.add_argument("--out", required=True, help="folder for the JSON results")
     p.add_argument("--task", default="ioi", help="circuit: the task")
-    p.add_argument("--method", help=f"circuit: the method timed against the reference (default {DEFAULT_METHOD})")
+    p.add_argument("--method", help="circuit: the method timed against the reference (default: the default method)")
     _add_model(p)
     p.set_defaults(func=cmd_bench)
-
-    from .plugins import registry
 
     p = sub.add_parser("analyze", help="run a registered analysis on a dictionary")
     analyses = p.add_subparsers(dest="analysis", required=True, metavar="NAME")
     for name, entry in sorted(registry().analyses.items()):
-        if getattr(entry.obj, "circuit_method", False):
-            continue  # run through `circuit --method NAME`
         a = analyses.add_parser(name, help=entry.obj.help, formatter_class=_ShowDefaults)
         a.add_argument("--dict", required=True, help="dictionary folder (cfg.json + sae_weights.safetensors)")
         a.add_argument("--out", required=True, help="output folder")
         _add_model(a)
-        entry.obj.add_arguments(a)
+        add_options(a.add_argument_group(f"{name} options"), entry.obj.Options)
         a.set_defaults(func=cmd_analyze)
     return parser
-
 
 
 

@@ -5,61 +5,89 @@ to a remote trace. Files live in ``nnsight_sae.files``; training in
 ``nnsight_sae.train``.
 """
 
+# Annotations stay strings: a ``str | None`` object would make a remote request import functools.
+from __future__ import annotations
+
 import torch
+
+from .options import REQUIRED, Option, Options
+
+
+class DictionaryConfig(Options):
+    """What every dictionary has; each type's config adds its hyper-parameters."""
+
+    d_in = Option(int, REQUIRED, "width of the activation it reads", min=1, cli=False)
+    d_sae = Option(int, REQUIRED, "number of features", min=1, cli=False)
+    site = Option(str, REQUIRED, "the site it reads, e.g. resid_post.6", cli=False)
+    model = Option(str, None, "the model it was made for", cli=False)
+    dtype = Option(str, "float32", "weights' dtype", choices=("float32", "float64", "float16", "bfloat16"), cli=False)
+    apply_b_dec_to_input = Option(bool, True, "subtract the decoder bias from the input before encoding", cli=False)
+    training_tokens = Option(int, None, "activation rows it was trained on", cli=False)
+
+    def hyper_parameters(self) -> dict:
+        """The type's own settings a user chooses (its options beyond what every dictionary
+        has, except those kept off the command line)."""
+        common = DictionaryConfig.declared()
+        return {name: getattr(self, name) for name, option in self.declared().items()
+                if name not in common and option.cli}
 
 
 class Dictionary(torch.nn.Module):
     """Base of every dictionary type.
 
     Parameters follow SAELens names and shapes: ``W_enc`` (d_in, d_sae),
-    ``b_enc`` (d_sae), ``W_dec`` (d_sae, d_out), ``b_dec`` (d_out). ``cfg`` is a
-    plain dict: at least ``d_in``, ``d_sae`` and ``site``; subclasses add their
-    hyper-parameters. The decoder is linear (``f @ W_dec + b_dec``) for every
-    type, which is what lets feature edits leave the error term untouched.
+    ``b_enc`` (d_sae), ``W_dec`` (d_sae, d_out), ``b_dec`` (d_out). ``cfg`` is an
+    instance of the type's ``config_class`` (checked when made; a dict of its options
+    is accepted too). The decoder is linear (``f @ W_dec + b_dec``) for every type,
+    which is what lets feature edits leave the error term untouched.
 
-    Subclasses set ``type_name`` and implement ``encode``; training-time
-    behaviour that differs from inference goes in ``encode_train``.
+    A type sets ``type_name`` and ``config_class``, implements ``encode``, and owns how
+    it is trained (``training_loss``, ``dead_features``) and saved in SAELens' layout
+    (``to_saelens`` / ``from_saelens``).
     """
 
     type_name = ""
-    #: config keys a subclass requires beyond d_in/d_sae/site, with defaults
-    defaults: dict = {}
+    help = ""  # one line for `nnsight-sae info`
+    config_class = DictionaryConfig
     #: how the trainer revives dead features: "resample", "auxk" (in the loss) or "none"
     dead_features = "resample"
     #: parameters that scale with the feature activations (divided when an input scale is folded in)
     feature_scaled = ("b_enc",)
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg):
         super().__init__()
-        cfg = {**self.defaults, **cfg, "architecture": self.type_name}
-        for key in ("d_in", "d_sae", "site"):
-            if key not in cfg:
-                raise ValueError(f"{self.type_name} config needs {key!r}")
+        if type(cfg) is not self.config_class:
+            cfg = self.config_class(**(cfg.as_dict() if isinstance(cfg, Options) else cfg))
         self.cfg = cfg
-        d_in, d_sae, d_out = cfg["d_in"], cfg["d_sae"], cfg.get("d_out", cfg["d_in"])
-        dtype = getattr(torch, cfg.get("dtype", "float32"))
-        self.W_enc = torch.nn.Parameter(torch.empty(d_in, d_sae, dtype=dtype))
-        self.b_enc = torch.nn.Parameter(torch.zeros(d_sae, dtype=dtype))
-        self.W_dec = torch.nn.Parameter(torch.empty(d_sae, d_out, dtype=dtype))
-        self.b_dec = torch.nn.Parameter(torch.zeros(d_out, dtype=dtype))
+        dtype = getattr(torch, cfg.dtype)
+        self.W_enc = torch.nn.Parameter(torch.empty(self.d_in, self.d_sae, dtype=dtype))
+        self.b_enc = torch.nn.Parameter(torch.zeros(self.d_sae, dtype=dtype))
+        self.W_dec = torch.nn.Parameter(torch.empty(self.d_sae, self.d_out, dtype=dtype))
+        self.b_dec = torch.nn.Parameter(torch.zeros(self.d_out, dtype=dtype))
         self.reset_parameters()
 
     # -- shape ------------------------------------------------------------
     @property
     def d_in(self) -> int:
-        return self.cfg["d_in"]
+        return self.cfg.d_in
 
     @property
     def d_sae(self) -> int:
-        return self.cfg["d_sae"]
+        return self.cfg.d_sae
 
     @property
     def d_out(self) -> int:
-        return self.cfg.get("d_out", self.cfg["d_in"])
+        """Width of what it writes (d_in, except for a transcoder)."""
+        return self.cfg.d_in
 
     @property
     def site(self) -> str:
-        return self.cfg["site"]
+        return self.cfg.site
+
+    @property
+    def out_site(self) -> str | None:
+        """The site it predicts when that is not the one it reads (transcoders), else None."""
+        return None
 
     # -- init -------------------------------------------------------------
     def reset_parameters(self, seed=None):
@@ -81,7 +109,7 @@ class Dictionary(torch.nn.Module):
     def pre_acts(self, x):
         """Encoder pre-activations; the decoder bias is subtracted from the input
         first unless ``apply_b_dec_to_input`` is false (as for transcoders)."""
-        if self.cfg.get("apply_b_dec_to_input", True):
+        if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
         return x @ self.W_enc + self.b_enc
 
@@ -121,7 +149,8 @@ class Dictionary(torch.nn.Module):
         f = self.encode_train(x)
         recon = self.decode(f) + self.skip_term(x)
         mse = (recon - target).pow(2).mean()
-        coefficient = self.cfg.get("l1_coefficient", 0.0) * sparsity_scale
+        # types without an l1_coefficient option train on the reconstruction alone
+        coefficient = getattr(self.cfg, "l1_coefficient", 0.0) * sparsity_scale
         loss = mse + coefficient * self.sparsity_penalty(x, f) if coefficient else mse
         return {"loss": loss, "features": f, "recon": recon, "mse": mse}
 
@@ -133,9 +162,7 @@ class Dictionary(torch.nn.Module):
     def fold_input_scale(self, scale_in: float, scale_out: float):
         """Make a dictionary trained on (scale_in * x -> scale_out * y) work on raw
         x -> y. Features shrink by scale_out, so unit-norm decoder rows stay unit norm."""
-        ratio = scale_in / scale_out
-        if not self.cfg.get("tied"):
-            self.W_enc.mul_(ratio)
+        self.W_enc.mul_(scale_in / scale_out)
         for name in self.feature_scaled:
             p = getattr(self, name, None)
             if p is not None:
@@ -150,7 +177,7 @@ class Dictionary(torch.nn.Module):
         if n == 0:
             return
         pick = torch.multinomial(errors.pow(2) + 1e-12, n, replacement=n > len(errors), generator=generator)
-        directions = inputs[pick] - (self.b_dec if self.cfg.get("apply_b_dec_to_input", True) else 0)
+        directions = inputs[pick] - (self.b_dec if self.cfg.apply_b_dec_to_input else 0)
         directions = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         alive = ~dead
         enc_norm = self.W_enc[:, alive].norm(dim=0).mean() if alive.any() else 1.0
@@ -159,6 +186,20 @@ class Dictionary(torch.nn.Module):
         self.W_enc[:, dead] = directions.T * enc_norm * 0.2
         if self.b_enc is not None:
             self.b_enc[dead] = 0.0
+
+    # -- files ------------------------------------------------------------
+    def to_saelens(self) -> dict:
+        """This type's fields of a SAELens cfg.json (``architecture`` and its own, e.g. ``k``);
+        a ``metadata`` dict is merged into the file's metadata. Types SAELens has no class for
+        keep their own name as the architecture (only this library reads them)."""
+        return {"architecture": self.type_name}
+
+    @classmethod
+    def from_saelens(cls, cfg: dict, site_of) -> dict | None:
+        """This type's options for a SAELens cfg.json it reads (the common ones are read by
+        ``nnsight_sae.files``), or None when the file is not of this type. ``site_of(hook)``
+        turns a TransformerLens hook name into a site."""
+        return None
 
     def extra_repr(self):
         return f"{self.type_name}: d_in={self.d_in}, d_sae={self.d_sae}, site={self.site!r}"

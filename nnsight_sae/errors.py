@@ -35,3 +35,8 @@ class DictionaryError(NnsightSaeError, ValueError):
 class RemoteError(NnsightSaeError):
     """A trace NDIF would refuse: a request over its size limit, or in-trace code that
     imports a module outside its allow-list."""
+
+
+class OptionError(NnsightSaeError, ValueError):
+    """An option (a dictionary's hyper-parameter, an analysis' or circuit method's setting)
+    that is unknown, missing, of the wrong type or out of range."""

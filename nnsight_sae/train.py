@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -25,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import distributed
+from .atomic import atomic_folder
 from .dictionary import Dictionary
 from .errors import NnsightSaeError
 
@@ -64,7 +64,7 @@ class Member:
 
     @property
     def target_site(self) -> str:
-        return self.dictionary.cfg.get("out_site", self.dictionary.site)
+        return self.dictionary.out_site or self.dictionary.site
 
 
 def input_scale(rows: torch.Tensor) -> float:
@@ -85,19 +85,23 @@ class Trainer:
         self.members = members
         self.config = config
         self.step_count = 0
-        self.optimizers = []
+        self.optimizers, self.schedulers = [], []
         for m in members:
             params = [p for p in m.dictionary.parameters() if p.requires_grad]
-            self.optimizers.append(torch.optim.Adam(params, lr=config.lr, betas=config.adam_betas))
+            opt = torch.optim.Adam(params, lr=config.lr, betas=config.adam_betas)
+            self.optimizers.append(opt)
+            self.schedulers.append(torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor))
             m.rows_since_fired = torch.zeros(m.dictionary.d_sae, dtype=torch.long)
 
     # -- schedule ------------------------------------------------------------
-    def lr_at(self, step: int) -> float:
+    def lr_factor(self, step: int) -> float:
+        """The learning rate at ``step`` over ``config.lr``: linear warm-up, then a linear
+        decay to 0 from ``decay_start`` of the run."""
         c = self.config
         warm = min(1.0, (step + 1) / max(1, c.warmup_steps))
         decay_from = int(c.decay_start * c.steps)
         decay = 1.0 if step < decay_from else max(0.0, (c.steps - step) / max(1, c.steps - decay_from))
-        return c.lr * warm * decay
+        return warm * decay
 
     def sparsity_scale_at(self, step: int) -> float:
         span = self.config.sparsity_warmup * self.config.steps
@@ -108,16 +112,16 @@ class Trainer:
         """One optimiser step of every dictionary; returns per-dictionary stats
         (loss, mse, l0, fvu, dead), or an empty list with stats=False."""
         step = self.step_count
-        lr, sparsity = self.lr_at(step), self.sparsity_scale_at(step)
+        sparsity = self.sparsity_scale_at(step)
         results = []
-        for m, opt in zip(self.members, self.optimizers):
+        for m, opt, scheduler in zip(self.members, self.optimizers, self.schedulers):
             d = m.dictionary
             x = batch[m.site].to(d.W_enc.device, d.W_enc.dtype) * m.scale_in
             target = batch[m.target_site].to(d.W_enc.device, d.W_enc.dtype) * m.scale_out
             if step == 0 and m.target_site != m.site:
                 with torch.no_grad():  # a transcoder's output bias starts at the target's mean
                     mean = target.reshape(-1, target.shape[-1]).mean(0)
-                    _all_reduce_mean([mean])
+                    distributed.mean_([mean])
                     d.b_dec.copy_(mean)
             dead = m.rows_since_fired >= self.config.dead_after_rows
             out = d.training_loss(x, target, sparsity_scale=sparsity,
@@ -126,24 +130,18 @@ class Trainer:
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss is {loss.item()} at step {step} for the {d.type_name} dictionary "
                                     f"at {m.site}; the last good checkpoint is kept")
-            for group in opt.param_groups:
-                group["lr"] = lr
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            _all_reduce_mean([p.grad for p in d.parameters() if p.grad is not None])
+            distributed.mean_([p.grad for p in d.parameters() if p.grad is not None])
             opt.step()
+            scheduler.step()
             d.normalize_decoder()
             with torch.no_grad():
                 # values set outside the gradient (batchtopk's threshold) are averaged across processes
-                _all_reduce_mean([p for p in d.parameters() if not p.requires_grad])
+                distributed.mean_([p for p in d.parameters() if not p.requires_grad])
                 fired = (out["features"] != 0).reshape(-1, d.d_sae)
-                fired_any = fired.any(0).cpu()
-                if _world() > 1:
-                    fired_any = fired_any.to(torch.int32)
-                    torch.distributed.all_reduce(fired_any, op=torch.distributed.ReduceOp.MAX)
-                    fired_any = fired_any.bool()
-                m.rows_since_fired += len(fired) * _world()
-                m.rows_since_fired[fired_any] = 0
+                m.rows_since_fired += len(fired) * distributed.world()
+                m.rows_since_fired[distributed.any_(fired.any(0)).cpu()] = 0
                 if d.dead_features == "resample" and self._resample_due(step):
                     self._resample(m, opt, x, target, out["recon"])
                 if stats:
@@ -167,9 +165,7 @@ class Trainer:
         errors = (target - recon).pow(2).sum(-1).reshape(-1).cpu()
         m.dictionary.resample(dead.to(x.device), x.reshape(-1, x.shape[-1]), errors.to(x.device), g)
         m.dictionary.normalize_decoder()
-        if _world() > 1:  # every process takes the first process's revived features
-            for p in m.dictionary.parameters():
-                torch.distributed.broadcast(p.data, src=0)
+        distributed.broadcast_([p.data for p in m.dictionary.parameters()])  # the first process's revived features
         for p in opt.param_groups[0]["params"]:  # forget the revived features' Adam moments
             state = opt.state.get(p, {})
             for key in ("exp_avg", "exp_avg_sq"):
@@ -204,26 +200,19 @@ class Trainer:
                 if state:
                     opt.state[p] = state
 
+    def _members_json(self) -> list[dict]:
+        return json.loads(json.dumps([{"type": m.dictionary.type_name, "cfg": m.dictionary.cfg.as_dict(),
+                                       "scale_in": m.scale_in, "scale_out": m.scale_out} for m in self.members]))
+
     def save_checkpoint(self, folder: str | os.PathLike, extra: dict | None = None) -> Path:
-        """Write the full training state atomically (safetensors + JSON, nothing pickled)."""
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        """Write the full training state atomically (safetensors + JSON, nothing pickled):
+        weights, Adam's moments, the learning-rate schedulers' state, dead-feature counters."""
+        with atomic_folder(folder) as tmp:
             save_file(self.state_tensors(), tmp / "state.safetensors")
-            meta = {"step": self.step_count, "config": asdict(self.config),
-                    "members": [{"cfg": m.dictionary.cfg, "scale_in": m.scale_in, "scale_out": m.scale_out}
-                                for m in self.members], **(extra or {})}
+            meta = {"step": self.step_count, "config": asdict(self.config), "members": self._members_json(),
+                    "schedulers": [s.state_dict() for s in self.schedulers], **(extra or {})}
             (tmp / "state.json").write_text(json.dumps(meta, indent=2))
-            old = folder.with_name(f".{folder.name}.old")
-            if folder.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return folder
+        return Path(folder)
 
     def load_checkpoint(self, folder: str | os.PathLike) -> dict:
         folder = Path(folder)
@@ -232,9 +221,14 @@ class Trainer:
             tensors = load_file(folder / "state.safetensors")
         except (OSError, ValueError) as e:
             raise TrainingError(f"cannot read checkpoint {folder}: {e}") from e
-        if [m["cfg"] for m in meta["members"]] != [m.dictionary.cfg for m in self.members]:
+        if [{k: m[k] for k in ("type", "cfg")} for m in meta["members"]] != \
+                [{k: m[k] for k in ("type", "cfg")} for m in self._members_json()]:
             raise TrainingError(f"checkpoint {folder} was written for other dictionaries")
         self.load_state_tensors(tensors)
+        for opt, scheduler, state in zip(self.optimizers, self.schedulers, meta["schedulers"]):
+            scheduler.load_state_dict(state)
+            for group, lr in zip(opt.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
         self.step_count = meta["step"]
         return meta
 
@@ -244,25 +238,6 @@ class Trainer:
             m.dictionary.fold_input_scale(m.scale_in, m.scale_out)
             m.scale_in = m.scale_out = 1.0
         return [m.dictionary for m in self.members]
-
-
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _all_reduce_mean(tensors) -> None:
-    """Average tensors across data-parallel processes (a no-op in a single process)."""
-    if _world() == 1:
-        return
-    for t in tensors:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-        t.div_(_world())
 
 
 def _zero_feature_slices(t: torch.Tensor, dead: torch.Tensor, d_sae: int) -> None:
@@ -281,7 +256,7 @@ def train(trainer: Trainer, batches: Iterable[dict], *, checkpoint_dir=None, che
     Writes a checkpoint every ``checkpoint_every`` steps, and one on Ctrl-C
     (in data-parallel runs, only the first process writes).
     """
-    main = _rank() == 0
+    main = distributed.rank() == 0
     config = trainer.config
     bar = tqdm(total=config.steps, initial=trainer.step_count, desc="train", disable=not (progress and main),
                dynamic_ncols=True)

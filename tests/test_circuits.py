@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from nnsight_sae import NnsightSaeError, resolve_site
-from nnsight_sae.circuits import get_task, precision_recall_at_k, roc_auc, run_circuit, run_reference
+from nnsight_sae.circuits import precision_recall_at_k, roc_auc, run_circuit, run_reference
+from nnsight_sae.tasks import get_task
 
 
 def test_roc_auc_and_precision_recall():
@@ -32,7 +33,7 @@ def test_file_task_checks_prompts(tiny_models, task_file, tmp_path):
 
 
 def test_reference_effect_equals_patching_one_head_by_hand(tiny_models, task_file):
-    from nnsight_sae_circuits.heads import last_logits, mean_ablation_effects
+    from nnsight_sae.heads import last_logits, mean_ablation_effects
 
     model = tiny_models("llama")
     task = get_task(task_file)
@@ -57,7 +58,8 @@ def test_reference_effect_equals_patching_one_head_by_hand(tiny_models, task_fil
 
 
 def test_attribution_tracks_the_reference_on_a_tiny_model(tiny_models, task_file):
-    from nnsight_sae_circuits.heads import attribution_effects, mean_ablation_effects
+    from nnsight_sae.heads import mean_ablation_effects
+    from nnsight_sae_circuits.attribution import attribution_effects
 
     model = tiny_models("gpt2")
     task = get_task(task_file)
@@ -116,9 +118,9 @@ def test_code_overlap_is_deterministic(tiny_models, task_file, tmp_path):
     model = tiny_models("llama")
     for method in ("code-overlap", "code-overlap-edges"):
         a = run_circuit(model, task_file, tmp_path / "a", method=method, n_prompts=20, n_train=5, seed=3,
-                        reduce="last", n_random=1, progress=False)
+                        options={"reduce": "last"}, n_random=1, progress=False)
         b = run_circuit(model, task_file, tmp_path / "b", method=method, n_prompts=20, n_train=5, seed=3,
-                        reduce="last", n_random=1, progress=False)
+                        options={"reduce": "last"}, n_random=1, progress=False)
         assert a["heads"] == b["heads"] and a["faithfulness"] == {**b["faithfulness"], "seconds": a[
             "faithfulness"]["seconds"]}
 
@@ -143,7 +145,7 @@ def test_file_task_has_no_heldout_split(tiny_models, task_file):
 
 
 def test_code_counts_by_hand():
-    from nnsight_sae_circuits.methods import code_edge_scores, code_overlap_scores, unique_to_positive
+    from nnsight_sae_circuits.code_overlap import code_edge_scores, code_overlap_scores, unique_to_positive
 
     pos = torch.tensor([[1, 5], [2, 5], [1, 6], [3, 7]])
     neg = torch.tensor([[3, 5], [4, 5]])
@@ -158,7 +160,7 @@ def test_code_counts_by_hand():
 
 
 def test_keep_only_matches_clean_and_single_head_ablation(tiny_models, task_file):
-    from nnsight_sae_circuits.heads import keep_only_metric, last_logits, mean_ablation_effects
+    from nnsight_sae.heads import keep_only_metric, last_logits, mean_ablation_effects
 
     model = tiny_models("llama")
     task = get_task(task_file)
@@ -186,7 +188,7 @@ def test_circuit_benchmark_contract(tiny_models, task_file, tmp_path):
 def test_attribution_needs_no_weight_gradients(tiny_models, task_file, tmp_path):
     """NDIF runs models with gradients off for the weights; attribution starts its graph at the heads."""
     from nnsight_sae.testing import load_tiny_model
-    from nnsight_sae_circuits.heads import attribution_effects
+    from nnsight_sae_circuits.attribution import attribution_effects
 
     task = get_task(task_file)
     model = tiny_models("llama")

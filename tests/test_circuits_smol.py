@@ -4,7 +4,8 @@ patching references). The figures are in the README's circuits table."""
 import pytest
 
 from nnsight_sae import NnsightSaeError
-from nnsight_sae.circuits import get_task, run_circuit, run_reference
+from nnsight_sae.circuits import run_circuit, run_reference
+from nnsight_sae.tasks import get_task
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,7 @@ def test_heldout_prompts_share_nothing_with_train(smol):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_the_model_does_each_task_on_both_prompt_sets(smol, task):
-    from nnsight_sae_circuits.heads import last_logits
+    from nnsight_sae.heads import last_logits
 
     t = get_task(task)
     for split in ("train", "heldout"):

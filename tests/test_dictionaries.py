@@ -244,16 +244,16 @@ def test_site_from_another_family(tiny_models):
     (lambda f, c: (f / "cfg.json").write_text(json.dumps({**c, "architecture": "mystery", "metadata": {}})),
      "unknown architecture 'mystery'"),
     (lambda f, c: (f / "cfg.json").write_text(json.dumps(
-        {**c, "metadata": {**c["metadata"], "nnsight_sae": {**c["metadata"]["nnsight_sae"], "architecture": "mystery"}}})),
-     "unknown dictionary type 'mystery'"),
+        {**c, "metadata": {**c["metadata"], "nnsight_sae": {**c["metadata"]["nnsight_sae"], "type": "mystery"}}})),
+     "dictionary type 'mystery' is not registered"),
     (lambda f, c: (f / "cfg.json").write_text(json.dumps(
         {**c, "metadata": {**c["metadata"], "nnsight_sae": {**c["metadata"]["nnsight_sae"], "d_sae": 65}}})),
-     "W_enc has shape"),
+     r"W_(enc|dec) has shape"),
     (lambda f, c: save_file({**load_file(f / "sae_weights.safetensors"),
                              "b_dec": torch.full((32,), float("nan"))}, f / "sae_weights.safetensors"),
      "b_dec contains NaN"),
     (lambda f, c: save_file({k: v for k, v in load_file(f / "sae_weights.safetensors").items() if k != "b_enc"},
-                            f / "sae_weights.safetensors"), r"missing \['b_enc'\]"),
+                            f / "sae_weights.safetensors"), r'Missing key\(s\) in state_dict: "b_enc"'),
     (lambda f, c: (f / "sae_weights.safetensors").write_bytes(b"\x00" * 20), "not a valid safetensors"),
     (lambda f, c: (f / "cfg.json").unlink(), "no cfg.json"),
 ])
@@ -280,7 +280,7 @@ def test_splice_on_the_embedded_model(smol, type_name):
     site = "mlp_in.6" if type_name == "transcoder" else "resid_post.6"
     d = make(type_name, d_in=576, d_sae=1024, site=site)
     if type_name == "transcoder":
-        d.cfg["out_site"] = "mlp_out.6"
+        d.cfg.out_site = "mlp_out.6"
     att = attach(smol, d)
     prompt = ["When Mary and John went to the store, John gave a drink to", "def f(x):"]
     with smol.trace(prompt):

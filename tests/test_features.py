@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from nnsight_sae import SiteError, attach, create_dictionary, load_dictionary, run_analysis, save_dictionary
+from nnsight_sae import OptionError, SiteError, attach, create_dictionary, load_dictionary, run_analysis, save_dictionary
 from nnsight_sae.testing import WORDS, random_dictionary, tiny_prompts
 from nnsight_sae_features.common import FeatureError
 
@@ -38,7 +38,7 @@ def test_feature_patching_curves(tiny_models, counterfactual_task, corpus, tmp_p
 
 def test_feature_patching_patch_is_the_papers_formula(tiny_models, counterfactual_task):
     """x' = x + sum_j (c_cf_j - c_base_j) f_j, checked against the dictionary by hand."""
-    from nnsight_sae.circuits import get_task
+    from nnsight_sae.tasks import get_task
     from nnsight_sae_features.patching import Basis, read_site
 
     model = tiny_models("llama")
@@ -71,11 +71,11 @@ def test_feature_patching_bad_input(tiny_models, tmp_path, counterfactual_task):
     bad.write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(Exception, match="counterfactual on every line or on none"):
         run_analysis("feature-patching", model=model, dictionary=d, out_dir=tmp_path, task=str(bad))
-    with pytest.raises(FeatureError, match="--candidates must be at least 1, got 0"):
+    with pytest.raises(OptionError, match="candidates must be at least 1, got 0"):
         run_analysis("feature-patching", model=model, dictionary=d, out_dir=tmp_path, task=counterfactual_task,
                      candidates=0)
     other = random_dictionary("resid_post.1")
-    other.cfg["model"] = "HuggingFaceTB/SmolLM2-135M"
+    other.cfg.model = "HuggingFaceTB/SmolLM2-135M"
     with pytest.raises(FeatureError, match="trained on 'HuggingFaceTB/SmolLM2-135M'"):
         run_analysis("feature-patching", model=model, dictionary=other, out_dir=tmp_path, task=counterfactual_task)
     with pytest.raises(SiteError, match="layer 7 out of range; this model has layers 0..2"):
@@ -140,9 +140,9 @@ def test_causal_tree_bad_input(tiny_models, corpus, tmp_path):
     common = dict(model=model, dictionary=target, out_dir=tmp_path / "t", data=corpus, tokens=2000, ctx_len=40)
     with pytest.raises(FeatureError, match="feature 64 is out of range: this dictionary has features 0..63"):
         run_analysis("causal-tree", feature=64, upstream=[str(before)], **common)
-    with pytest.raises(FeatureError, match="--depth must be at least 1, got 0"):
+    with pytest.raises(OptionError, match="depth must be at least 1, got 0"):
         run_analysis("causal-tree", feature=1, upstream=[str(before)], depth=0, **common)
-    with pytest.raises(FeatureError, match="--width must be at least 1, got 0"):
+    with pytest.raises(OptionError, match="width must be at least 1, got 0"):
         run_analysis("causal-tree", feature=1, upstream=[str(before)], width=0, **common)
     with pytest.raises(FeatureError, match="resid_post.2 is not before resid_post.1"):
         run_analysis("causal-tree", feature=1, upstream=[str(after)], **common)

@@ -61,7 +61,8 @@ def test_info_prints_json_with_owners():
     assert info["architectures"]["llama"]["plugin"] == "archs"
     assert "qwen2" in info["architectures"]["llama"]["model_types"]
     assert info["dictionary_types"]["topk"]["plugin"] == "saes"
-    assert set(info) == {"plugins", "dictionary_types", "analyses", "tasks", "architectures"}
+    assert set(info) == {"plugins", "dictionary_types", "analyses", "circuit_methods", "tasks", "architectures"}
+    assert info["circuit_methods"]["attribution"]["plugin"] == "circuits"
 
 
 def test_hookimpl_is_public():

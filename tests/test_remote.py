@@ -202,7 +202,7 @@ def test_no_comment_lines_inside_our_trace_blocks(tmp_path, monkeypatch):
     packages = [__import__("nnsight_sae"), nnsight_sae_circuits, nnsight_sae_features]
     modules = [m.name for p in packages for m in pkgutil.walk_packages(p.__path__, p.__name__ + ".")
                if not m.name.endswith("__main__")]
-    assert "nnsight_sae.harvest" in modules and "nnsight_sae_circuits.heads" in modules
+    assert "nnsight_sae.harvest" in modules and "nnsight_sae.heads" in modules
     assert trace_block_problems(*modules) == []
     (tmp_path / "commented_trace.py").write_text(
         "def f(model):\n    with model.trace('x'):\n        # a comment\n        y = 1\n")

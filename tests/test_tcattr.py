@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from nnsight_sae import attach, run_analysis, save_dictionary
+from nnsight_sae import OptionError, attach, run_analysis, save_dictionary
 from nnsight_sae.testing import random_dictionary
 from nnsight_sae_features.common import FeatureError
 from nnsight_sae_features.tcattr import attribute, capture, split, target_node
@@ -167,13 +167,13 @@ def test_bad_input(tiny_models, tmp_path):
     with pytest.raises(FeatureError, match="got a transcoder reading mlp_in.1 and writing mlp_out.2"):
         run(other_layer, feature=1)
     other_model = transcoder(1)
-    other_model.cfg["model"] = "HuggingFaceTB/SmolLM2-135M"
+    other_model.cfg.model = "HuggingFaceTB/SmolLM2-135M"
     with pytest.raises(FeatureError, match="trained on 'HuggingFaceTB/SmolLM2-135M'"):
         run(other_model, feature=1)
     up = str(save_dictionary(transcoder(2), tmp_path / "up"))
     with pytest.raises(FeatureError, match="must come before the target's layer 1"):
         run(transcoder(1), feature=1, upstream=[up])
-    with pytest.raises(FeatureError, match="--depth must be at least 1"):
+    with pytest.raises(OptionError, match="depth must be at least 1"):
         run(transcoder(1), feature=1, depth=0)
     with pytest.raises(FeatureError, match="give one target"):
         run(transcoder(1))
@@ -190,7 +190,7 @@ def test_bad_input(tiny_models, tmp_path):
                                            rf"last token \('w40'\); the most active there: #{top} \("):
         run(d, feature=zero)
     gpt2 = tiny_models("gpt2")
-    with pytest.raises(FeatureError, match="decomposes Llama-family models .* gpt2 is not supported"):
+    with pytest.raises(FeatureError, match="decomposes pre-norm RMSNorm models .*the Llama family.*; gpt2 is not one"):
         run_analysis("tc-attribution", model=gpt2, dictionary=transcoder(1), out_dir=tmp_path / "g", prompt=prompt,
                      feature=1)
     assert not (tmp_path / "x").exists()
@@ -207,5 +207,5 @@ def test_cli(tiny_models, tmp_path):
     assert json.loads((tmp_path / "out" / "tc-attribution.json").read_text())["relative_error"] < 1e-4
     bad = subprocess.run(cmd[:-2] + ["--depth", "0", "--out", str(tmp_path / "bad")], capture_output=True, text=True)
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines() == ["nnsight-sae analyze: error: --depth must be at least 1, got 0"]
+    assert bad.stderr.strip().splitlines() == ["nnsight-sae analyze: error: analysis 'tc-attribution': depth must be at least 1, got 0"]
     assert not (tmp_path / "bad").exists()

@@ -43,7 +43,7 @@ def run(type_name, steps=800, **config):
     data = sparse_data(4096, seed=99)
     member = Member(d, input_scale(data), input_scale(2 * data) if type_name == "transcoder" else input_scale(data))
     trainer = Trainer([member], TrainConfig(steps=steps, lr=3e-3, warmup_steps=20, dead_after_rows=20_000, **config))
-    train(trainer, batches(d.site, steps, out_site=d.cfg.get("out_site")), progress=False)
+    train(trainer, batches(d.site, steps, out_site=d.out_site), progress=False)
     return trainer.finished()[0]
 
 
@@ -118,7 +118,7 @@ def test_folding_the_input_scale_gives_the_same_outputs_on_raw_activations(type_
         if hasattr(d, "W_skip"):
             d.W_skip.copy_(torch.randn(d.W_skip.shape) * 0.1)
     if type_name == "transcoder":
-        d.cfg["skip"] = True
+        d.cfg.skip = True
         d.W_skip = torch.nn.Parameter(torch.randn(D_IN, D_IN) * 0.1)
     x = sparse_data(64)
     s_in, s_out = 2.5, (0.4 if type_name == "transcoder" else 2.5)

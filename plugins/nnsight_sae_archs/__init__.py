@@ -18,6 +18,9 @@ LLAMA = ArchitectureMap(
     unembed="lm_head",
     final_norm="model.norm",
     mlp_norm="post_attention_layernorm",
+    attn_norm="input_layernorm",
+    v_proj="self_attn.v_proj",
+    norm="rmsnorm",
 )
 
 # Gemma 2/3 norm the attention and MLP outputs again before the residual add;
@@ -38,6 +41,10 @@ GEMMA = ArchitectureMap(
     unembed="lm_head",
     final_norm="model.norm",
     mlp_norm="pre_feedforward_layernorm",
+    attn_norm="input_layernorm",
+    v_proj="self_attn.v_proj",
+    norm="rmsnorm",
+    post_norms=True,
 )
 
 GPT2 = ArchitectureMap(
@@ -57,6 +64,7 @@ GPT2 = ArchitectureMap(
     unembed="lm_head",
     final_norm="transformer.ln_f",
     mlp_norm="ln_2",
+    attn_norm="ln_1",
 )
 
 # Pythia: attention and MLP read the same residual (parallel residual).
@@ -76,6 +84,8 @@ GPT_NEOX = ArchitectureMap(
     unembed="lm_head",
     final_norm="gpt_neox.final_layer_norm",
     mlp_norm="post_attention_layernorm",
+    attn_norm="input_layernorm",
+    parallel_residual=True,
 )
 
 # BERT is post-norm: attn_out and mlp_out are the dense projections' outputs,
@@ -95,6 +105,8 @@ BERT = ArchitectureMap(
     mlp=None,
     embed="bert.embeddings.word_embeddings",
     unembed="cls.predictions.decoder",
+    v_proj="attention.self.value",
+    post_norms=True,
 )
 
 

@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from nnsight_sae import attach
+from nnsight_sae.attach import attach
 from nnsight_sae.corpus import contexts, load_corpus
 from nnsight_sae.errors import NnsightSaeError
 from nnsight_sae.models import model_id, trace_options
+from nnsight_sae.options import Option, Options
+from nnsight_sae.plots import pyplot, save_figure
 from nnsight_sae.sites import architecture_of, resolve_site, site_layer
 
 
@@ -24,7 +26,7 @@ def bind(model, dictionary):
     """``attach`` after checking the dictionary was trained on this model, by the last part of
     its name (so "gpt2" matches "openai-community/gpt2", and a local folder its name);
     dictionaries that name no model pass."""
-    trained_on = dictionary.cfg.get("model")
+    trained_on = dictionary.cfg.model
     if trained_on and Path(str(trained_on)).name != Path(model_id(model)).name:
         raise FeatureError(f"the dictionary was trained on {trained_on!r}, not on {model_id(model)!r}; "
                            f"pass the model it was made for with --model")
@@ -42,15 +44,39 @@ def check_features(dictionary, features) -> list[int]:
     return features
 
 
-def check_positive(name: str, value: int) -> int:
-    if value < 1:
-        raise FeatureError(f"{name} must be at least 1, got {value}")
-    return value
+class CorpusOptions(Options):
+    """The corpus an analysis reads (subclasses set their own default sizes)."""
+
+    tokens = Option(int, 32_768, "corpus tokens to read", min=1)
+    ctx_len = Option(int, 128, "tokens per corpus context", min=2)
+    data = Option(str, None, "local .txt/.jsonl/.parquet corpus (default: the embedded stdlib corpus)")
+
+
+FEATURES = Option(int, help="comma-separated feature indices", many=True, min=0)
+
+
+def text_of(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def top_tokens(tokenizer, values: torch.Tensor, k: int) -> dict:
+    """The k tokens with the largest values (raised) and the k with the smallest (lowered)."""
+    up, down = values.topk(k), (-values).topk(k)
+    return {"raised": [{"token": text_of(tokenizer, i), "value": round(float(v), 4)}
+                       for v, i in zip(up.values, up.indices.tolist())],
+            "lowered": [{"token": text_of(tokenizer, i), "value": round(-float(v), 4)}
+                        for v, i in zip(down.values, down.indices.tolist())]}
+
 
 
 def corpus_tokens(model, *, n_tokens: int, ctx_len: int, data: str | None = None) -> torch.Tensor:
     """(n, ctx_len) contexts from the corpus (the embedded stdlib corpus unless ``data`` names a file)."""
     return contexts(load_corpus(data=data), model.tokenizer, ctx_len, n_tokens)
+
+
+def corpus_of(model, options: CorpusOptions) -> torch.Tensor:
+    """The corpus contexts a ``CorpusOptions`` asks for."""
+    return corpus_tokens(model, n_tokens=options.tokens, ctx_len=options.ctx_len, data=options.data)
 
 
 @torch.no_grad()
@@ -157,8 +183,6 @@ def clean_prefix(model, site, enc: dict):
 def draw_tree(tree: dict, path, *, box, edge, title: str) -> None:
     """A tree of dicts (each with optional "children") as boxes joined by edges, root on top;
     box(node) and edge(child) give the texts."""
-    from nnsight_sae.analysis import pyplot, save_figure
-
     placed, edges, depth = [], [], [0]
 
     def place(n, level, next_x):

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from nnsight_sae.models import trace_options
+from nnsight_sae.analysis import Analysis
+from nnsight_sae.models import model_id, trace_options
+from nnsight_sae.options import Option, Options
 from nnsight_sae.sites import architecture_of, join_path, resolve_site, site_layer, submodule, torch_module
 
-from .common import FeatureError
+from .common import FEATURES, FeatureError, bind, check_features, top_tokens
 
 
 @torch.no_grad()
@@ -75,3 +77,39 @@ def de_embedding(model, dictionary, features: list[int], *, head: tuple[int, int
             x = norm(x)
         out.append(dictionary.pre_acts(x.to(d.device, d.dtype))[:, index].float().cpu())
     return torch.cat(out).T
+
+
+class DeEmbedOptions(Options):
+    features = FEATURES
+    top = Option(int, 20, "tokens listed per feature, each end", min=1)
+    head = Option(str, None, "LAYER.HEAD: read the embeddings through this attention head's OV circuit",
+                  metavar="LAYER.HEAD")
+
+    def check(self):
+        if self.head is not None:
+            parse_head(self.head)
+
+
+def parse_head(text: str) -> tuple[int, int]:
+    """"L.H" -> (L, H)."""
+    try:
+        layer, head = (int(v) for v in str(text).split("."))
+    except ValueError:
+        raise FeatureError(f"--head takes LAYER.HEAD, e.g. 3.5; got {text!r}") from None
+    return layer, head
+
+
+class DeEmbed(Analysis):
+    name = "de-embed"
+    help = "the vocabulary tokens that most excite a feature with no context (embedding x encoder)"
+    Options = DeEmbedOptions
+
+    def run(self, *, model, dictionary, out_dir, options):
+        features = check_features(dictionary, options.features)
+        bind(model, dictionary)
+        head = parse_head(options.head) if options.head else None
+        scores = de_embedding(model, dictionary, features, head=head, chunk=1024 if head else 8192)
+        k = min(options.top, scores.shape[1])
+        return {"model": model_id(model), "dictionary": dictionary.type_name, "site": dictionary.site,
+                "head": list(head) if head else None,
+                "features": [{"feature": f, **top_tokens(model.tokenizer, row, k)} for f, row in zip(features, scores)]}

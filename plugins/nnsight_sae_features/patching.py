@@ -24,10 +24,14 @@ import time
 
 import torch
 
+from nnsight_sae.analysis import Analysis
 from nnsight_sae.harvest import harvest
-from nnsight_sae.models import trace_options
+from nnsight_sae.models import model_id, trace_options
+from nnsight_sae.options import Option
+from nnsight_sae.plots import pyplot, save_figure
+from nnsight_sae.tasks import get_task
 
-from .common import clean_prefix, run_with_additions
+from .common import CorpusOptions, FeatureError, bind, clean_prefix, corpus_of, run_with_additions
 
 FRACTIONS = (0.5, 0.25, 0.1)
 
@@ -79,8 +83,8 @@ def read_site(model, site, enc: dict, *, batch_size: int = 16) -> tuple[torch.Te
 
 def kl_to(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
     """KL(softmax(logits) || softmax(target)) per row, over the last dim."""
-    logp, logq = logits.log_softmax(-1), target_logits.log_softmax(-1)
-    return (logp.exp() * (logp - logq)).sum(-1)
+    return torch.nn.functional.kl_div(target_logits.log_softmax(-1), logits.log_softmax(-1), log_target=True,
+                                      reduction="none").sum(-1)
 
 
 def patching_curve(model, site, enc, basis: Basis, cf_logits, metric, *, n_candidates: int, per_prompt: bool,
@@ -189,8 +193,6 @@ def feature_patching(model, attached, task, prompts, *, pca_tokens: torch.Tensor
 
 def plot_curves(result: dict, path) -> None:
     """KL against the number of patched directions, SAE features and PCA directions."""
-    from nnsight_sae.analysis import pyplot, save_figure
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, label, color in (("sae", "dictionary features", "C0"), ("pca", "PCA directions", "C1")):
@@ -206,3 +208,36 @@ def plot_curves(result: dict, path) -> None:
     ax.set_ylim(bottom=0)
     ax.legend()
     save_figure(fig, path)
+
+
+class FeaturePatchingOptions(CorpusOptions):
+    task = Option(str, "ioi", "a task with counterfactual prompts, or a JSONL file")
+    n_prompts = Option(int, 40, "prompt pairs made; those whose counterfactual has another token length are left "
+                                "out", min=1)
+    prompts = Option(str, "train", "prompt set", choices=("train", "heldout"))
+    candidates = Option(int, 48, "directions of each basis ranked and added (those moving the activation most)",
+                        min=1)
+    seed = Option(int, 0, "prompt sampling seed")
+    tokens = Option(int, 20_000, "corpus tokens the PCA is fitted on", min=1)
+
+
+class FeaturePatching(Analysis):
+    name = "feature-patching"
+    help = "patch features from counterfactual prompts: KL curve of dictionary features vs PCA directions"
+    Options = FeaturePatchingOptions
+
+    def run(self, *, model, dictionary, out_dir, options):
+        attached = bind(model, dictionary)
+        task = get_task(options.task)
+        prompts = task.prompts(model.tokenizer, options.n_prompts, seed=options.seed, split=options.prompts)
+        usable = [i for i, cf in enumerate(prompts.counterfactual) if cf is not None]
+        if not usable:
+            raise FeatureError(f"task {options.task!r} has no counterfactual prompts; use ioi or greater-than, or "
+                               f"a task file with a \"counterfactual\" on every line")
+        prompts = prompts.subset(usable)  # pairs whose counterfactual has the prompt's token length
+        result = {"task": options.task, "model": model_id(model), "dictionary": dictionary.type_name,
+                  **feature_patching(model, attached, task, prompts, pca_tokens=corpus_of(model, options),
+                                     n_candidates=options.candidates)}
+        plot_curves(result, out_dir / "feature-patching.png")
+        result["plot"] = "feature-patching.png"
+        return result

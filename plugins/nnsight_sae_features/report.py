@@ -17,23 +17,15 @@ import html
 
 import torch
 
+from nnsight_sae.analysis import Analysis
+from nnsight_sae.atomic import write_text
+from nnsight_sae.models import model_id
+from nnsight_sae.options import Option
 from nnsight_sae.sites import architecture_of, submodule, torch_module
 
-from .common import FeatureError, ablation_deltas, feature_activations, prefix_batch, run_with_additions, site_codes
+from .common import (FEATURES, CorpusOptions, FeatureError, ablation_deltas, bind, check_features, corpus_of,
+                     feature_activations, prefix_batch, run_with_additions, site_codes, text_of, top_tokens)
 from .deembed import de_embedding
-
-
-def _text(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id])
-
-
-def top_tokens(tokenizer, values: torch.Tensor, k: int) -> dict:
-    """The k tokens with the largest values (raised) and the k with the smallest (lowered)."""
-    up, down = values.topk(k), (-values).topk(k)
-    return {"raised": [{"token": _text(tokenizer, i), "value": round(float(v), 4)}
-                       for v, i in zip(up.values, up.indices.tolist())],
-            "lowered": [{"token": _text(tokenizer, i), "value": round(-float(v), 4)}
-                        for v, i in zip(down.values, down.indices.tolist())]}
 
 
 @torch.no_grad()
@@ -98,7 +90,7 @@ def feature_report(model, attached, tokens: torch.Tensor, features: list[int], *
             span = range(max(1, p - before), min(a.shape[1], p + after + 1))
             entry["contexts"].append({
                 "max_position": p - span.start, "activation": round(float(best[r]), 4),
-                "tokens": [_text(tok, tokens[r, j].item()) for j in span],
+                "tokens": [text_of(tok, tokens[r, j].item()) for j in span],
                 "activations": [round(float(a[r, j]), 4) for j in span]})
         if order:
             entry["ablation"] = top_tokens(tok, ablation_effect(model, attached, tokens, order,
@@ -185,3 +177,26 @@ def render_html(report: dict) -> str:
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Feature report: '
             f'{html.escape(report["site"])}</title><style>{_STYLE}</style></head><body>{head}{"".join(parts)}'
             f'</body></html>')
+
+
+class FeatureReportOptions(CorpusOptions):
+    features = FEATURES
+    contexts = Option(int, 10, "top contexts shown per feature", min=1)
+    tokens = Option(int, 65_536, "corpus tokens to read", min=1)
+
+
+class FeatureReport(Analysis):
+    name = "feature-report"
+    help = "case studies: top contexts, activation histogram, logits moved; an HTML page and JSON"
+    Options = FeatureReportOptions
+
+    def run(self, *, model, dictionary, out_dir, options):
+        features = check_features(dictionary, options.features)
+        attached = bind(model, dictionary)
+        tokens = corpus_of(model, options)
+        report = {"model": model_id(model), "dictionary": dictionary.type_name, "site": dictionary.site,
+                  "corpus_tokens": int(tokens.numel()),
+                  **feature_report(model, attached, tokens, features, n_contexts=options.contexts)}
+        write_text(out_dir / "feature-report.html", render_html(report))
+        report["page"] = "feature-report.html"
+        return report

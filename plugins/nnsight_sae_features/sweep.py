@@ -8,8 +8,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from nnsight_sae.analysis import pyplot, save_figure
+from nnsight_sae.analysis import Analysis
+from nnsight_sae.models import model_id
+from nnsight_sae.options import Option
 from nnsight_sae.pipeline import DataSpec, RunSpec, train_and_evaluate
+from nnsight_sae.plots import pyplot, save_figure
+from nnsight_sae.sites import site_layer
+
+from .common import CorpusOptions, FeatureError, bind
 
 KINDS = {"transcoder": "mlp_in", "relu": "mlp_out"}  # dictionary type -> the site it reads
 
@@ -64,3 +70,41 @@ def plot_pareto(points: list[dict], path: Path, *, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, path)
+
+
+class SweepOptions(CorpusOptions):
+    l1 = Option(float, [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3], "sparsity penalties, one transcoder and one SAE each",
+                many=True, min=0.0)
+    d_sae = Option(int, None, "width of every dictionary (default: the given one's)", min=1)
+    epochs = Option(int, 1, "passes over the training tokens", min=1)
+    eval_tokens = Option(int, 8192, "held-out tokens for each CE", min=1)
+    tokens = Option(int, 100_000, "corpus tokens to train on", min=1)
+
+    def check(self):
+        if not self.l1 or 0.0 in self.l1:
+            raise FeatureError(f"--l1 needs positive penalties, got {self.l1}")
+
+
+class TranscoderVsSae(Analysis):
+    name = "tc-vs-sae"
+    help = ("sparsity sweep at the dictionary's layer: transcoders (MLP replaced) vs SAEs on the MLP output, "
+            "CE against L0, Pareto plot")
+    Options = SweepOptions
+
+    def run(self, *, model, dictionary, out_dir, options):
+        layer = site_layer(dictionary.site)
+        if layer is None or not dictionary.site.startswith(("mlp_in.", "mlp_out.")):
+            raise FeatureError(f"tc-vs-sae compares dictionaries on one MLP: give a transcoder or an SAE at "
+                               f"mlp_in.L / mlp_out.L, not one at {dictionary.site}")
+        bind(model, dictionary)
+        data = DataSpec(data=options.data, tokens=options.tokens, ctx_len=options.ctx_len,
+                        eval_tokens=options.eval_tokens)
+        d_sae = options.d_sae or dictionary.d_sae
+        points = sweep(model, layer, sorted(options.l1), d_sae=d_sae, data=data, epochs=options.epochs,
+                       out=out_dir / "dictionaries")
+        matched = matched_l0(points)
+        plot_pareto(points, out_dir / "tc-vs-sae.png", title=f"{model_id(model)}, MLP {layer}, d_sae {d_sae}")
+        return {"model": model_id(model), "layer": layer, "d_sae": d_sae, "tokens": options.tokens,
+                "epochs": options.epochs, "points": points, "matched_l0": matched,
+                "mean_difference_at_matched_l0": (sum(m["difference"] for m in matched) / len(matched)
+                                                  if matched else None)}

@@ -19,8 +19,8 @@ the ``width`` largest by |contribution to the target| are kept, and features and
 them are split again, to ``depth`` steps (a head is a step). Every value in the graph is a
 contribution to the target along its path.
 
-Llama-family models (pre-norm RMSNorm, a sequential residual stream, per-head value and output
-projections); others raise a clear error.
+Models whose architecture map says pre-norm RMSNorm, a sequential residual stream and a separate
+value projection (the Llama family); others raise a clear error.
 """
 
 from __future__ import annotations
@@ -32,10 +32,14 @@ from dataclasses import dataclass, field
 import nnsight
 import torch
 
-from nnsight_sae.models import trace_options
-from nnsight_sae.sites import architecture_of, join_path, n_layers, resolve_site, submodule, torch_module
+from nnsight_sae.analysis import Analysis
+from nnsight_sae.files import load_dictionary
+from nnsight_sae.models import model_id, trace_options
+from nnsight_sae.options import Option, Options
+from nnsight_sae.sites import (architecture_of, head_dim, join_path, n_kv_heads, n_layers, resolve_site, site_layer,
+                               submodule, torch_module)
 
-from .common import FeatureError, bind, draw_tree
+from .common import FeatureError, bind, check_features, draw_tree
 
 EXPANDABLE = ("feature", "head")
 
@@ -98,9 +102,10 @@ class Capture:
 
 def _check_family(model):
     arch = architecture_of(model)
-    if arch.name != "llama":
-        raise FeatureError(f"tc-attribution decomposes Llama-family models (pre-norm RMSNorm, a sequential residual "
-                           f"stream); {arch.name} is not supported")
+    if (arch.norm != "rmsnorm" or arch.parallel_residual or arch.post_norms or None in (arch.attn_norm, arch.mlp_norm,
+                                                                                        arch.v_proj, arch.final_norm)):
+        raise FeatureError(f"tc-attribution decomposes pre-norm RMSNorm models with a sequential residual stream and "
+                           f"separate value projections (the Llama family); {arch.name} is not one")
     if any(p.device.type == "meta" for p in torch_module(model).parameters()):
         raise FeatureError("tc-attribution reads the model's weights: load it with its weights in memory (not "
                            "remote, not offloaded)")
@@ -147,22 +152,21 @@ def capture(model, ids: list[int], transcoders: list) -> Capture:
             final = last.read()[0].save()
             logits = model.output.logits[0].save()
     f64 = [[_f64(t) for t in row] for row in saved]
+    hd, kv_heads = head_dim(model), n_kv_heads(model)
     layers = []
     for layer, (resid, heads, attn, pattern, mlp_in, mlp_out) in enumerate(f64):
         block = submodule(root, join_path(arch.layers, str(layer)))
-        attention = block.self_attn
-        n_heads, hd = heads.shape[1], attention.head_dim
-        group = torch.arange(n_heads) // attention.num_key_value_groups
-        W_V = _f64(attention.v_proj.weight).view(-1, hd, resid.shape[-1])[group]
-        W_O = _f64(attention.o_proj.weight).view(resid.shape[-1], n_heads, hd).permute(1, 0, 2)
-        b_V = attention.v_proj.bias
-        b_V = None if b_V is None else _f64(b_V).view(-1, hd)[group]
-        mlp_norm = submodule(block, arch.mlp_norm)
+        v_proj, o_proj = submodule(block, arch.v_proj), submodule(block, arch.o_proj)
+        attn_norm, mlp_norm = submodule(block, arch.attn_norm), submodule(block, arch.mlp_norm)
+        n_heads = heads.shape[1]
+        group = torch.arange(n_heads) // (n_heads // kv_heads)
+        W_V = _f64(v_proj.weight).view(-1, hd, resid.shape[-1])[group]
+        W_O = _f64(o_proj.weight).view(resid.shape[-1], n_heads, hd).permute(1, 0, 2)
+        b_V = None if v_proj.bias is None else _f64(v_proj.bias).view(-1, hd)[group]
         resid_mid = resid + attn
         layers.append(_Layer(
             resid=resid, heads=heads, attn_rest=attn - heads.sum(1), pattern=pattern,
-            attn_scale=_rms_scale(block.input_layernorm, resid),
-            attn_gain=_f64(block.input_layernorm.weight), W_V=W_V, W_O=W_O, b_V=b_V,
+            attn_scale=_rms_scale(attn_norm, resid), attn_gain=_f64(attn_norm.weight), W_V=W_V, W_O=W_O, b_V=b_V,
             mlp_in=mlp_in, mlp_out=mlp_out, mlp_scale=_rms_scale(mlp_norm, resid_mid),
             mlp_gain=_f64(mlp_norm.weight)))
     final_norm = submodule(root, arch.final_norm)
@@ -385,3 +389,56 @@ def plot_attribution(tree: dict, path, title: str) -> None:
     """The path-search tree, target on top; each edge is the child's contribution to the target."""
     draw_tree(tree, path, box=lambda n: n["label"].replace(" @", "\n@"), edge=lambda n: f"{n['value']:+.3g}",
               title=title)
+
+
+class TcAttributionOptions(Options):
+    prompt = Option(str, help="the prompt; the target is at its last token")
+    feature = Option(int, None, "target: this feature of --dict (a transcoder)", min=0)
+    target_token = Option(str, None, "target: this token's logit (one token of text)")
+    upstream = Option(str, [], "a transcoder at another layer, whose MLP is split into its features (repeat)",
+                      repeat=True, metavar="DIR")
+    depth = Option(int, 3, "steps of the path search (a head is a step)", min=1)
+    width = Option(int, 4, "parts kept per node, by |contribution|", min=1)
+
+    def check(self):
+        if (self.feature is None) == (self.target_token is None):
+            raise FeatureError("give one target: --feature N (a feature of --dict) or --target-token TEXT")
+        if not self.prompt:
+            raise FeatureError("--prompt is empty")
+
+
+class TranscoderAttribution(Analysis):
+    name = "tc-attribution"
+    help = ("weights-based attribution through transcoders: what feeds a transcoder feature or a token's logit "
+            "on a prompt, through the residual stream and heads' OV circuits; path search, graph")
+    Options = TcAttributionOptions
+
+    def run(self, *, model, dictionary, out_dir, options):
+        feature, text = options.feature, options.target_token
+        if feature is not None:
+            feature = check_features(dictionary, [feature])[0]
+        chain = check_transcoders(model, dictionary, [load_dictionary(p) for p in options.upstream],
+                                  feature_target=feature is not None)
+        tokenizer = model.tokenizer
+        token = None if text is None else one_token(tokenizer, text)
+        ids = tokenizer(options.prompt)["input_ids"]
+        cap = capture(model, ids, chain)
+        layer = site_layer(dictionary.site)
+        if feature is not None:
+            check_active(cap, layer, feature, tokenizer)
+            root = target_node(cap, layer=layer, feature=feature)
+            target = {"feature": feature, "site": dictionary.site}
+        else:
+            unembed = unembedding(model)
+            weights = torch.zeros(len(unembed))
+            weights[token] = 1.0
+            root = target_node(cap, logit_weights=weights, unembed=unembed, text=text)
+            target = {"token": text, "token_id": token}
+        checks = attribute(cap, root, depth=options.depth, width=options.width)
+        tokens = [tokenizer.decode([i]) for i in ids]
+        tree = tree_json(root, tokens)
+        plot_attribution(tree, out_dir / "tc-attribution.png",
+                         title=f"{tree['label']}: {root.value:.3g} (edge: contribution to it)")
+        return {"model": model_id(model), "prompt": options.prompt, "tokens": tokens, "target": target,
+                "value": root.value, "transcoders": [d.site for d in chain], "depth": options.depth,
+                "width": options.width, **checks, "plot": "tc-attribution.png", "tree": tree}

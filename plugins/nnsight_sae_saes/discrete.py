@@ -2,7 +2,12 @@
 
 import torch
 
-from nnsight_sae.dictionary import Dictionary
+from nnsight_sae.dictionary import Dictionary, DictionaryConfig
+from nnsight_sae.options import Option
+
+
+class DiscreteConfig(DictionaryConfig):
+    l1_coefficient = Option(float, 0.02, "sparsity penalty (L1 of the features)", min=0.0, flags=("--l1",))
 
 
 class DiscreteSAE(Dictionary):
@@ -11,7 +16,8 @@ class DiscreteSAE(Dictionary):
     ``code(x)`` is the index of the most active feature."""
 
     type_name = "discrete"
-    defaults = {"l1_coefficient": 0.02}
+    help = "discrete-code SAE (O'Neill & Bui 2024): the argmax feature as a code"
+    config_class = DiscreteConfig
     dead_features = "none"
 
     def encode(self, x):
@@ -20,3 +26,6 @@ class DiscreteSAE(Dictionary):
     def code(self, x):
         """(...,) integer codes: argmax over features."""
         return self.encode(x).argmax(dim=-1)
+
+    def to_saelens(self):
+        return {"architecture": "standard"}  # an untied ReLU SAE to SAELens

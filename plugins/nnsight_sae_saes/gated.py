@@ -2,7 +2,12 @@
 
 import torch
 
-from nnsight_sae.dictionary import Dictionary
+from nnsight_sae.dictionary import Dictionary, DictionaryConfig
+from nnsight_sae.options import Option
+
+
+class GatedConfig(DictionaryConfig):
+    l1_coefficient = Option(float, 1e-3, "sparsity penalty (L1 of the gate's ReLU)", min=0.0, flags=("--l1",))
 
 
 class GatedSAE(Dictionary):
@@ -12,7 +17,8 @@ class GatedSAE(Dictionary):
     ``b_mag`` take its place, as in SAELens' layout."""
 
     type_name = "gated"
-    defaults = {"l1_coefficient": 1e-3}
+    help = "Gated SAE (Rajamanoharan et al. 2024): a gate decides, a magnitude path sizes"
+    config_class = GatedConfig
     feature_scaled = ("b_gate", "b_mag")
 
     def __init__(self, cfg):
@@ -41,5 +47,12 @@ class GatedSAE(Dictionary):
         gate_act = torch.relu(gate)
         aux = (gate_act @ self.W_dec.detach() + self.b_dec.detach() - target).pow(2).mean()
         l1 = gate_act.sum(-1).mean()
-        loss = mse + self.cfg["l1_coefficient"] * sparsity_scale * l1 + aux
+        loss = mse + self.cfg.l1_coefficient * sparsity_scale * l1 + aux
         return {"loss": loss, "features": f, "recon": recon, "mse": mse}
+
+    def to_saelens(self):
+        return {"architecture": "gated"}
+
+    @classmethod
+    def from_saelens(cls, cfg, site_of):
+        return {} if cfg.get("architecture") == "gated" else None

@@ -2,7 +2,8 @@
 
 import torch
 
-from nnsight_sae.dictionary import Dictionary
+from nnsight_sae.dictionary import Dictionary, DictionaryConfig
+from nnsight_sae.options import Option
 
 
 def _rectangle(x):
@@ -44,6 +45,13 @@ class _Step(torch.autograd.Function):
         return torch.zeros_like(z), grad_t.reshape(-1, z.shape[-1]).sum(0), None
 
 
+class JumpReLUConfig(DictionaryConfig):
+    l1_coefficient = Option(float, 1e-3, "sparsity penalty (an L0 through the straight-through estimator)",
+                            min=0.0, flags=("--l1",))
+    bandwidth = Option(float, 1e-3, "width of the rectangle kernel of the threshold's gradient", min=0.0)
+    initial_threshold = Option(float, 1e-3, "every feature's threshold at the start", min=0.0)
+
+
 class JumpReLUSAE(Dictionary):
     """f = ReLU(h) * (h > threshold) per feature, h = W_enc (x - b_dec) + b_enc.
 
@@ -52,13 +60,14 @@ class JumpReLUSAE(Dictionary):
     """
 
     type_name = "jumprelu"
-    defaults = {"bandwidth": 1e-3, "initial_threshold": 1e-3, "l1_coefficient": 1e-3}
+    help = "JumpReLU SAE (Rajamanoharan et al. 2024): a learned threshold per feature"
+    config_class = JumpReLUConfig
     feature_scaled = ("b_enc", "threshold")
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.threshold = torch.nn.Parameter(
-            torch.full((self.d_sae,), float(self.cfg["initial_threshold"]), dtype=self.W_enc.dtype))
+            torch.full((self.d_sae,), self.cfg.initial_threshold, dtype=self.W_enc.dtype))
 
     def encode(self, x):
         pre = self.pre_acts(x)
@@ -66,9 +75,16 @@ class JumpReLUSAE(Dictionary):
 
     def encode_train(self, x):
         pre = torch.relu(self.pre_acts(x))
-        return _JumpReLU.apply(pre, self.threshold, self.cfg["bandwidth"])
+        return _JumpReLU.apply(pre, self.threshold, self.cfg.bandwidth)
 
     def sparsity_penalty(self, x, f):
         """L0, differentiable in the threshold through the straight-through estimator."""
         pre = torch.relu(self.pre_acts(x))
-        return _Step.apply(pre, self.threshold, self.cfg["bandwidth"]).sum(-1).mean()
+        return _Step.apply(pre, self.threshold, self.cfg.bandwidth).sum(-1).mean()
+
+    def to_saelens(self):
+        return {"architecture": "jumprelu"}
+
+    @classmethod
+    def from_saelens(cls, cfg, site_of):
+        return {} if cfg.get("architecture") == "jumprelu" else None

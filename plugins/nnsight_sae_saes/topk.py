@@ -2,7 +2,9 @@
 
 import torch
 
-from nnsight_sae.dictionary import Dictionary
+from nnsight_sae.dictionary import Dictionary, DictionaryConfig
+from nnsight_sae.errors import OptionError
+from nnsight_sae.options import Option
 
 
 def topk_relu(pre, k):
@@ -24,12 +26,26 @@ def auxk_loss(d, x, target, recon, dead):
     reconstruct the residual error, normalised by the error's variance."""
     if dead is None or not dead.any():
         return recon.new_zeros(())
-    k_aux = min(int(d.cfg.get("k_aux", d.d_in // 2)), int(dead.sum()))
+    k_aux = min(d.cfg.k_aux or d.d_in // 2, int(dead.sum()))
     pre = d.pre_acts(x).masked_fill(~dead, float("-inf"))
     error = (target - recon).detach()
     error_hat = topk_relu(pre, k_aux) @ d.W_dec
     scale = (error - error.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
     return (error_hat - error).pow(2).sum(-1).mean() / scale
+
+
+class _TopKOptions(DictionaryConfig):
+    k = Option(int, 32, "active features per row", min=1)
+    auxk_coefficient = Option(float, 1 / 32, "weight of the auxiliary-k loss that revives dead features", min=0.0)
+    k_aux = Option(int, None, "dead features the auxiliary loss uses (default d_in / 2)", min=1)
+
+    def check(self):
+        if self.k > self.d_sae:
+            raise OptionError(f"k={self.k} is more than the dictionary's {self.d_sae} features")
+
+
+class TopKConfig(_TopKOptions):
+    k_warmup = Option(bool, False, "start at 4k active features and anneal to k over the sparsity warm-up")
 
 
 class TopKSAE(Dictionary):
@@ -38,16 +54,17 @@ class TopKSAE(Dictionary):
     features and anneals to k over the trainer's sparsity warm-up."""
 
     type_name = "topk"
-    defaults = {"k": 32, "auxk_coefficient": 1 / 32, "k_warmup": False}
+    help = "TopK SAE (Gao et al. 2024): the k largest pre-activations per row"
+    config_class = TopKConfig
     dead_features = "auxk"
 
     def encode(self, x):
-        return topk_relu(self.pre_acts(x), self.cfg["k"])
+        return topk_relu(self.pre_acts(x), self.cfg.k)
 
     def training_loss(self, x, target, *, sparsity_scale=1.0, dead=None):
         # sparsity_scale runs 0 -> 1 over the warm-up: k runs 4k -> k
-        k = self.cfg["k"]
-        k_now = round(k * (4 - 3 * sparsity_scale)) if self.cfg["k_warmup"] else k
+        k = self.cfg.k
+        k_now = round(k * (4 - 3 * sparsity_scale)) if self.cfg.k_warmup else k
         values, indices = self.pre_acts(x).topk(min(k_now, self.d_sae), dim=-1)
         values = torch.relu(values)
         recon = sparse_decode(values, indices, self.W_dec, self.b_dec)
@@ -55,7 +72,22 @@ class TopKSAE(Dictionary):
         f = f.scatter(-1, indices, values.detach())  # for the trainer's statistics
         mse = (recon - target).pow(2).mean()
         aux = auxk_loss(self, x, target, recon, dead)
-        return {"loss": mse + self.cfg["auxk_coefficient"] * aux, "features": f, "recon": recon, "mse": mse}
+        return {"loss": mse + self.cfg.auxk_coefficient * aux, "features": f, "recon": recon, "mse": mse}
+
+    def to_saelens(self):
+        return {"architecture": "topk", "k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
+
+    @classmethod
+    def from_saelens(cls, cfg, site_of):
+        if cfg.get("architecture") != "topk":
+            return None
+        if cfg.get("rescale_acts_by_decoder_norm"):
+            raise OptionError("rescale_acts_by_decoder_norm=true is not supported")
+        return {"k": cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k", 100))}
+
+
+class BatchTopKConfig(_TopKOptions):
+    threshold_momentum = Option(float, 0.99, "momentum of the inference threshold's running mean", min=0.0)
 
 
 class BatchTopKSAE(Dictionary):
@@ -65,7 +97,8 @@ class BatchTopKSAE(Dictionary):
     other rows."""
 
     type_name = "batchtopk"
-    defaults = {"k": 32, "auxk_coefficient": 1 / 32, "threshold_momentum": 0.99}
+    help = "BatchTopK SAE (Bussmann et al. 2024): k x batch activations per batch; a threshold at inference"
+    config_class = BatchTopKConfig
     dead_features = "auxk"
     feature_scaled = ("b_enc", "threshold")
 
@@ -81,7 +114,7 @@ class BatchTopKSAE(Dictionary):
     def encode_train(self, x):
         pre = torch.relu(self.pre_acts(x))
         flat = pre.reshape(-1)
-        k = min(self.cfg["k"] * pre.reshape(-1, pre.shape[-1]).shape[0], flat.numel())
+        k = min(self.cfg.k * pre.reshape(-1, pre.shape[-1]).shape[0], flat.numel())
         values, indices = flat.topk(k)
         return torch.zeros_like(flat).scatter(0, indices, values).reshape(pre.shape)
 
@@ -92,9 +125,12 @@ class BatchTopKSAE(Dictionary):
         with torch.no_grad():  # inference threshold: running mean of the smallest kept activation
             kept = f[f > 0]
             if kept.numel():
-                m = self.cfg["threshold_momentum"]
+                m = self.cfg.threshold_momentum
                 current = self.threshold[0]
                 new = kept.min() if current == 0 else m * current + (1 - m) * kept.min()
                 self.threshold.fill_(float(new))
         aux = auxk_loss(self, x, target, recon, dead)
-        return {"loss": mse + self.cfg["auxk_coefficient"] * aux, "features": f, "recon": recon, "mse": mse}
+        return {"loss": mse + self.cfg.auxk_coefficient * aux, "features": f, "recon": recon, "mse": mse}
+
+    def to_saelens(self):
+        return {"architecture": "jumprelu"}  # as SAELens saves its BatchTopK for inference

@@ -1,12 +1,15 @@
-"""Per-head residual contributions and per-head patching, through sites only."""
+"""Attention heads as circuit nodes, through sites only: their outputs, their negative means,
+and mean-ablating them one at a time (the patching reference) or all but a set (faithfulness).
+Shared by the reference, the faithfulness check and the circuit methods."""
 
 from __future__ import annotations
 
 import nnsight
 import torch
+from tqdm.auto import tqdm
 
-from nnsight_sae import n_layers, resolve_site
-from nnsight_sae.models import trace_options
+from .models import trace_options
+from .sites import n_layers, resolve_site
 
 
 def _encode(model, texts):
@@ -49,7 +52,7 @@ def last_logits(model, texts: list[str], batch_size: int = 16) -> torch.Tensor:
                       for start in range(0, len(texts), batch_size)])
 
 
-def _encode_pair(model, prompts):
+def encode_pair(model, prompts):
     """Positive and negative prompts tokenised to one common (left-padded) width,
     so positions counted from the end line up between them."""
     pos, neg = _encode(model, prompts.positive), _encode(model, prompts.negative)
@@ -65,8 +68,8 @@ def _encode_pair(model, prompts):
 def negative_means(model, prompts, neg=None, *, batch_size: int = 16) -> list[torch.Tensor]:
     """Per layer, (width, n_heads * d_head): each head's output (the ``head_out`` site's
     per-head input) averaged over the negative prompts at each position counted from
-    the end, real tokens only. ``neg`` is the negatives' encoding from ``_encode_pair``."""
-    neg = _encode_pair(model, prompts)[1] if neg is None else neg
+    the end, real tokens only. ``neg`` is the negatives' encoding from ``encode_pair``."""
+    neg = encode_pair(model, prompts)[1] if neg is None else neg
     sites = [resolve_site(model, f"head_out.{layer}") for layer in range(n_layers(model))]
     sums, count = None, 0
     for start in range(0, len(prompts), batch_size):
@@ -100,10 +103,8 @@ def mean_ablation_effects(model, task, prompts, *, batch_size: int = 16, rows_pe
     output is replaced by its mean over the negative prompts (per position, right-aligned).
     All heads of a layer run in batched passes: copy h of the prompts ablates head h
     (about ``rows_per_pass`` sequences per pass)."""
-    from tqdm.auto import tqdm
-
     clean = task.metric(last_logits(model, prompts.positive, batch_size), prompts).mean()
-    pos, neg = _encode_pair(model, prompts)
+    pos, neg = encode_pair(model, prompts)
     means = negative_means(model, prompts, neg, batch_size=batch_size)
     L = n_layers(model)
     H = resolve_site(model, "head_out.0").n_heads
@@ -141,7 +142,7 @@ def keep_only_metric(model, task, prompts, keep: torch.Tensor, means=None, *, ba
     """Per positive prompt, the task metric when every head outside ``keep`` (a bool
     (n_layers, n_heads) mask) is replaced by its negative mean at once: the circuit
     run alone. ``means`` from ``negative_means`` (computed when not given)."""
-    pos, neg = _encode_pair(model, prompts)
+    pos, neg = encode_pair(model, prompts)
     means = negative_means(model, prompts, neg, batch_size=batch_size) if means is None else means
     sites = [resolve_site(model, f"head_out.{layer}") for layer in range(n_layers(model))]
     out = []
@@ -156,42 +157,3 @@ def keep_only_metric(model, task, prompts, keep: torch.Tensor, means=None, *, ba
             logits = model.output.logits[:, -1].float().save()
         out.append(task.metric(logits.cpu(), prompts.subset(idx)))
     return torch.cat(out)
-
-
-def attribution_effects(model, task, prompts, *, batch_size: int = 16) -> torch.Tensor:
-    """(n_layers, n_heads): attribution patching, the first-order estimate of
-    ``mean_ablation_effects``: -(mean_neg_z - z) . d metric / d z per head, summed
-    over positions and averaged over prompts. Per batch: a forward pass for d metric / d logits,
-    then one forward and backward pass."""
-    L = n_layers(model)
-    sites = [resolve_site(model, f"head_out.{layer}") for layer in range(L)]
-    H = sites[0].n_heads
-    pos, neg = _encode_pair(model, prompts)
-    width = pos.input_ids.shape[1]
-    means = negative_means(model, prompts, neg, batch_size=batch_size)
-    effects = torch.zeros(L, H)
-    for start in range(0, len(prompts), batch_size):
-        idx = list(range(start, min(len(prompts), start + batch_size)))
-        enc = {"input_ids": pos.input_ids[idx], "attention_mask": pos.attention_mask[idx]}
-        # d metric / d logits first, here: the task's metric is any Python, which cannot run on NDIF
-        with torch.enable_grad():
-            logits = last_logits_of(model, enc).requires_grad_()
-            task.metric(logits, prompts.subset(idx)).sum().backward()
-        # NDIF runs models with frozen weights: the graph starts at the heads' inputs. (No comment
-        # lines inside this block: nnsight's remote path re-parses it without them and then finds
-        # the nested backward block by line number.)
-        with model.trace(enc, **trace_options(model, last_position=True)):
-            zs, grads = nnsight.save([]), nnsight.save([])
-            for site in sites:
-                zs.append(site.envoy.input.requires_grad_())
-            metric = (model.output.logits[:, -1].float() * logits.grad.to(model.output.logits.device)).sum()
-            with metric.backward():
-                for z in reversed(zs):  # the backward pass reaches the last layer first
-                    grads.append(z.grad)
-        grads.reverse()
-        mask = enc["attention_mask"][..., None].float()
-        for layer in range(L):
-            delta = (means[layer] - zs[layer].detach().float().cpu()) * mask  # (b, p, H*dh)
-            contrib = (delta * grads[layer].float().cpu()).reshape(len(idx), width, H, -1).sum(dim=(1, 3))
-            effects[layer] -= contrib.sum(0)
-    return effects / len(prompts)
