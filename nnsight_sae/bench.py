@@ -17,23 +17,24 @@ class _Stop(Exception):
     pass
 
 
-def _interleave(baseline, ours, rounds: int, warmup: int = 2) -> tuple[float, float]:
-    """Total seconds of each over ``rounds`` alternating runs, after warm-up (GPU work
-    waited for, so each run's time is its own)."""
-    def timed(fn):
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
+def _timed(fn) -> float:
+    """Seconds ``fn()`` takes (GPU work waited for, so the time is its own)."""
+    t = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
 
+
+def _interleave(baseline, ours, rounds: int, warmup: int = 2) -> tuple[float, float]:
+    """Total seconds of each over ``rounds`` alternating runs, after warm-up."""
     for _ in range(warmup):
-        timed(baseline)
-        timed(ours)
+        _timed(baseline)
+        _timed(ours)
     tb = to = 0.0
     for _ in range(rounds):
-        tb += timed(baseline)
-        to += timed(ours)
+        tb += _timed(baseline)
+        to += _timed(ours)
     return tb, to
 
 
@@ -132,47 +133,171 @@ def bench_splice(model, out: Path, *, layer=15, batch=8, ctx=128, rounds=10, d_s
     return [result]
 
 
-def bench_train(out: Path, *, d_in=576, d_sae=4608, k=32, batch=256, steps=30, rounds=3, device=None) -> list[dict]:
-    """Training steps/s of our Trainer vs a straightforward TopK loop, same SAE and batch
-    (on the GPU when there is one)."""
+class _Sparsify:
+    """EleutherAI sparsify's TopK training step, with its own SparseCoder, as its Trainer.fit
+    runs it per batch (sparsify 1.3.3, trainer.py): b_dec set to the first batch's mean, decoder
+    rows renormalised before the forward, loss = FVU + auxk_alpha x AuxK over latents silent for
+    ``dead_after`` tokens, the decoder gradient's radial part removed, Adam (its "adam" option:
+    torch.optim.Adam with a linear warm-up and decay, here our warm-up and decay), the fired
+    counters updated, and a checkpoint as its Trainer._checkpoint writes one."""
+
+    def __init__(self, d_in, d_sae, k, *, lr, schedule, dead_after, auxk_alpha, device):
+        from sparsify import SparseCoder, SparseCoderConfig
+
+        self.sae = SparseCoder(d_in, SparseCoderConfig(num_latents=d_sae, k=k), device, dtype=torch.float32)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
+        self.since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.dead_after, self.auxk_alpha, self.steps = dead_after, auxk_alpha, 0
+        self.aux_steps = 0
+
+    def step(self, x):
+        sae = self.sae
+        if self.steps == 0:
+            sae.b_dec.data = x.mean(0)
+        sae.set_decoder_norm_to_unit_norm()
+        dead = self.since_fired > self.dead_after
+        self.aux_steps += bool(dead.any())
+        out = sae(x=x, y=x, dead_mask=dead, total_variance=(x - x.mean(0)).pow(2).sum())
+        fired = torch.zeros_like(dead)
+        fired[out.latent_indices.flatten()] = True
+        (out.fvu + self.auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        self.opt.step()
+        self.opt.zero_grad()
+        self.scheduler.step()
+        self.since_fired += len(x)
+        self.since_fired[fired] = 0
+        self.steps += 1
+
+    def checkpoint(self, folder: Path):
+        self.sae.save_to_disk(folder / "sae")
+        torch.save(self.opt.state_dict(), folder / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), folder / "lr_scheduler.pt")
+
+    def fvu(self, x):
+        with torch.no_grad():
+            return float(self.sae(x).fvu)
+
+
+class _PlainLoop:
+    """The textbook TopK loop: encode, top-k, dense decode, MSE, Adam, renormalise (no revival)."""
+
+    def __init__(self, d_in, d_sae, k, *, lr, device):
+        g = torch.Generator().manual_seed(0)
+        self.W_enc = torch.nn.Parameter((torch.randn(d_in, d_sae, generator=g) / d_in ** 0.5).to(device))
+        self.W_dec = torch.nn.Parameter(self.W_enc.detach().T.clone())
+        self.b_enc = torch.nn.Parameter(torch.zeros(d_sae, device=device))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d_in, device=device))
+        self.k = k
+        self.opt = torch.optim.Adam([self.W_enc, self.W_dec, self.b_enc, self.b_dec], lr=lr)
+
+    def recon(self, x):
+        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+        v, i = pre.topk(self.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, i, torch.relu(v)) @ self.W_dec + self.b_dec
+
+    def step(self, x):
+        loss = (self.recon(x) - x).pow(2).mean()
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
+
+    def fvu(self, x):
+        from .train import fvu
+
+        with torch.no_grad():
+            return fvu(x, self.recon(x))
+
+
+def bench_train(model, out: Path, *, site="resid_post.6", d_sae=4608, k=32, batch=256, steps=2000,
+                tokens=None, eval_tokens=8192, data=None, chunk=50, checkpoint_every=500, lr=4e-4,
+                device=None) -> list[dict]:
+    """Training steps/s of our Trainer against EleutherAI sparsify's training step and a plain TopK
+    loop, on the same real activations (``site`` of ``model``, harvested once and cached; every
+    trainer sees the same batches in the same order, scaled once to mean norm sqrt(d_in)), in
+    interleaved chunks of ``chunk`` steps. Long enough that features die and the auxiliary loss
+    runs (a feature counts as dead after a tenth of the run's rows, as in ``nnsight-sae train``),
+    with checkpoints every ``checkpoint_every`` steps for ours and sparsify's. Also the FVU each
+    reaches on held-out rows after the same steps. ``data``: a local corpus file instead of the
+    embedded one."""
+    import tempfile
+
+    from .harvest import harvest
+    from .pipeline import DataSpec, activation_store, token_contexts
     from .plugins import create_dictionary
-    from .train import Member, TrainConfig, Trainer
+    from .train import Member, TrainConfig, Trainer, fvu, input_scale
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    g = torch.Generator().manual_seed(0)
-    data = [torch.randn(batch, d_in, generator=g).to(device) for _ in range(steps)]
-    ours_sae = create_dictionary("topk", d_in=d_in, d_sae=d_sae, site="resid_post.0", k=k).to(device)
-    trainer = Trainer([Member(ours_sae)], TrainConfig(steps=10**9, lr=4e-4))
+    data = DataSpec(data=data, tokens=tokens or steps * batch + 4096, eval_tokens=eval_tokens)
+    store = activation_store(model, [site], data, progress=False)
+    d_in = store.shapes[site][-1]
+    scale = input_scale(store.rows(site, slice(0, min(store.n_rows, 20_000))))
+    held_out = torch.cat([r[site] for r in harvest(model, [site], token_contexts(model, data, held_out=True),
+                                                   drop_bos=True, progress=False)]).to(device) * scale
+    dead_after = steps * batch // 10
+    config = TrainConfig(steps=steps, lr=lr, dead_after_rows=dead_after)
+    ours = Trainer([Member(create_dictionary("topk", d_in=d_in, d_sae=d_sae, site=site, k=k).to(device))], config)
+    sparsify = _Sparsify(d_in, d_sae, k, lr=lr, schedule=ours.lr_factor, dead_after=dead_after,
+                         auxk_alpha=ours.members[0].dictionary.cfg.auxk_coefficient, device=device)
+    plain = _PlainLoop(d_in, d_sae, k, lr=lr, device=device)
+    member = ours.members[0]
+    seconds = {"ours": 0.0, "sparsify": 0.0, "plain": 0.0}
+    aux_steps = 0
 
-    W_enc = torch.nn.Parameter((torch.randn(d_in, d_sae) / d_in ** 0.5).to(device))
-    W_dec = torch.nn.Parameter((torch.randn(d_sae, d_in) / d_in ** 0.5).to(device))
-    b_enc, b_dec = (torch.nn.Parameter(torch.zeros(d_sae, device=device)),
-                    torch.nn.Parameter(torch.zeros(d_in, device=device)))
-    opt = torch.optim.Adam([W_enc, W_dec, b_enc, b_dec], lr=4e-4)
+    def batches():
+        epoch = 0
+        while True:
+            for b in store.batches(batch, seed=0, epoch=epoch):
+                yield b[site].to(device) * scale
+            epoch += 1
 
-    def baseline():
-        for x in data:  # the textbook TopK loop
-            pre = (x - b_dec) @ W_enc + b_enc
-            v, i = pre.topk(k, dim=-1)
-            f = torch.zeros_like(pre).scatter(-1, i, torch.relu(v))
-            loss = (f @ W_dec + b_dec - x).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                W_dec.div_(W_dec.norm(dim=1, keepdim=True))
+    stream = batches()
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        for start in range(0, steps, chunk):
+            xs = [next(stream) for _ in range(min(chunk, steps - start))]
+            due = [start + i + 1 for i in range(len(xs)) if (start + i + 1) % checkpoint_every == 0]
 
-    def ours():
-        for x in data:
-            trainer.step({"resid_post.0": x}, stats=False)
+            def run_sparsify():
+                for i, x in enumerate(xs):
+                    sparsify.step(x)
+                    if start + i + 1 in due:
+                        sparsify.checkpoint(scratch / "sparsify")
 
-    tb, to = _interleave(baseline, ours, rounds, warmup=1)
-    n = steps * rounds
-    result = {"what": f"train topk d_in={d_in} d_sae={d_sae} k={k} batch={batch}", "ratio": round(tb / to, 4),
-              "ours": round(n / to, 2), "baseline": round(n / tb, 2),
-              "unit": "steps/s (ratio: ours / baseline, higher is better)",
-              "setup": _setup(device, steps=steps, rounds=rounds,
-                              baseline="a plain TopK loop: encode, top-k, decode, MSE, Adam, renormalise")}
+            def run_ours():
+                nonlocal aux_steps
+                for i, x in enumerate(xs):
+                    aux_steps += bool((member.rows_since_fired >= dead_after).any())
+                    ours.step({site: x}, stats=False)
+                    if start + i + 1 in due:
+                        ours.save_checkpoint(scratch / "ours")
+
+            def run_plain():
+                for x in xs:
+                    plain.step(x)
+
+            for name, fn in (("sparsify", run_sparsify), ("ours", run_ours), ("plain", run_plain)):
+                seconds[name] += _timed(fn)
+    with torch.no_grad():
+        d = member.dictionary
+        fvus = {"ours": fvu(held_out, d(held_out)), "sparsify": sparsify.fvu(held_out), "plain": plain.fvu(held_out)}
+    rate = {name: steps / t for name, t in seconds.items()}
+    result = {"what": f"train topk d_sae={d_sae} k={k} batch={batch} on {site} activations",
+              "ratio": round(rate["ours"] / rate["sparsify"], 4), "ours": round(rate["ours"], 2),
+              "baseline": round(rate["sparsify"], 2),
+              "unit": "steps/s (ratio: ours / sparsify's step, higher is better)",
+              "setup": _setup(device, steps=steps, rows=store.n_rows, held_out_rows=len(held_out), chunk=chunk,
+                              checkpoint_every=checkpoint_every, dead_after_rows=dead_after,
+                              baseline="EleutherAI sparsify 1.3.3's SparseCoder and Trainer.fit step (Adam, AuxK)",
+                              plain_loop_steps_per_s=round(rate["plain"], 2),
+                              ratio_to_plain_loop=round(rate["ours"] / rate["plain"], 4),
+                              held_out_fvu={n: round(v, 4) for n, v in fvus.items()},
+                              aux_active_steps={"ours": aux_steps, "sparsify": sparsify.aux_steps},
+                              dead_fraction_end=round(float((member.rows_since_fired >= dead_after).float().mean()),
+                                                      4))}
     write_json(out / "train.json", result)
     return [result]
 

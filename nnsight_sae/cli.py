@@ -181,12 +181,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    import torch
+
     from . import bench
 
     out = Path(args.out)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.what == "train":
-        results = bench.bench_train(out)
+        results = bench.bench_train(_load_model(args), out, steps=args.steps)
     elif args.what == "circuit":
         from .tasks import get_task
 
@@ -377,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the JSON results")
     p.add_argument("--task", default="ioi", help="circuit: the task")
     p.add_argument("--method", help="circuit: the method timed against the reference (default: the default method)")
+    p.add_argument("--steps", type=int, default=2000, help="train: training steps of each trainer")
+    p.add_argument("--threads", type=int, help="torch threads in this process (default: torch's choice)")
     _add_model(p)
     p.set_defaults(func=cmd_bench)
 

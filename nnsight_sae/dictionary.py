@@ -13,6 +13,13 @@ import torch
 from .options import REQUIRED, Option, Options
 
 
+def activity(f) -> dict:
+    """``fired`` (which features are active on any row) and ``l0`` (active per row) of
+    dense feature activations f (rows, d_sae), for the trainer's statistics."""
+    active = f.detach() != 0
+    return {"fired": active.any(0), "l0": active.sum(-1).float().mean()}
+
+
 class DictionaryConfig(Options):
     """What every dictionary has; each type's config adds its hyper-parameters."""
 
@@ -142,17 +149,20 @@ class Dictionary(torch.nn.Module):
         """The sparsity term before its coefficient: mean L1 of the features."""
         return f.abs().sum(-1).mean()
 
-    def training_loss(self, x, target, *, sparsity_scale=1.0, dead=None):
-        """{loss, features, recon, mse}: per-element MSE to ``target`` plus the
-        sparsity coefficient (scaled by the trainer's warm-up) times the penalty.
-        ``dead`` is a bool mask of features the trainer considers dead."""
+    def training_loss(self, x, target, *, sparsity_scale=1.0, dead=None, sparse=True):
+        """{loss, recon, mse, fired, l0} for 2-D x (rows, d_in) and target (rows, d_out): the
+        per-element MSE to ``target`` plus the sparsity coefficient (scaled by the trainer's
+        warm-up) times the penalty; ``fired`` (d_sae,) marks the features active on any row,
+        ``l0`` is the mean number active per row. ``dead`` is a bool mask of features the
+        trainer considers dead; ``sparse`` allows a backward over the active entries only
+        (types that have one use it, on the devices where the trainer finds it faster)."""
         f = self.encode_train(x)
         recon = self.decode(f) + self.skip_term(x)
         mse = (recon - target).pow(2).mean()
         # types without an l1_coefficient option train on the reconstruction alone
         coefficient = getattr(self.cfg, "l1_coefficient", 0.0) * sparsity_scale
         loss = mse + coefficient * self.sparsity_penalty(x, f) if coefficient else mse
-        return {"loss": loss, "features": f, "recon": recon, "mse": mse}
+        return {"loss": loss, "recon": recon, "mse": mse, **activity(f)}
 
     def skip_term(self, x):
         """A linear path from input to output besides the features (zero by default)."""

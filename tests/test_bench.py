@@ -29,6 +29,13 @@ def test_harvest_and_splice_benchmarks(tiny_models, short_tokens, tmp_path):
     _contract(tmp_path / "splice.json")
 
 
-def test_train_benchmark(tmp_path):
-    bench.bench_train(tmp_path, d_in=16, d_sae=64, k=4, batch=32, steps=5, rounds=1)
-    assert _contract(tmp_path / "train.json")["unit"].startswith("steps/s")
+def test_train_benchmark_reaches_revival_and_checkpoints(tiny_models, corpus, tmp_path):
+    """Short, on a tiny model's activations: the contract, and every code path reached (features
+    die, so the auxiliary loss runs in ours and in sparsify's step; checkpoints are written)."""
+    bench.bench_train(tiny_models("llama"), tmp_path, site="resid_post.1", d_sae=256, k=4, batch=32, steps=120,
+                      tokens=4000, eval_tokens=256, data=corpus, chunk=20, checkpoint_every=50)
+    result = _contract(tmp_path / "train.json")
+    assert result["unit"].startswith("steps/s") and result["setup"]["plain_loop_steps_per_s"] > 0
+    setup = result["setup"]
+    assert setup["aux_active_steps"]["ours"] > 0 and setup["aux_active_steps"]["sparsify"] > 0, setup
+    assert all(0 < v < 1 for v in setup["held_out_fvu"].values()), setup

@@ -161,3 +161,52 @@ def test_k_warmup_starts_wide_and_ends_at_k():
     trainer = Trainer([Member(d)], TrainConfig(steps=20, sparsity_warmup=0.5))
     l0 = [trainer.step(b)[0]["l0"] for b in batches("resid_post.0", 20)]
     assert l0[0] > 20 and l0[-1] == 6 and all(a >= b for a, b in zip(l0, l0[1:]))
+
+
+def _textbook_topk_loss(d, x, target, dead, k, batch_level):
+    """The top-k losses written the plain way, with dense autograd everywhere: the reference
+    the sparse backward must equal."""
+    pre = (x - d.b_dec if d.cfg.apply_b_dec_to_input else x) @ d.W_enc + d.b_enc
+    if batch_level:
+        flat = torch.relu(pre).reshape(-1)
+        picked = flat.topk(k * len(x)).indices
+        f = torch.zeros_like(flat).index_put((picked,), flat[picked]).reshape(pre.shape)
+    else:
+        values, indices = pre.topk(k, dim=-1)
+        f = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+    recon = f @ d.W_dec + d.b_dec
+    mse = (recon - target).pow(2).mean()
+    k_aux = min(d.cfg.k_aux or d.d_in // 2, int(dead.sum()))
+    if k_aux == 0:
+        return mse
+    masked = pre.masked_fill(~dead, float("-inf"))
+    v, i = masked.topk(k_aux, dim=-1)
+    error = (target - recon).detach()
+    error_hat = torch.zeros_like(pre).scatter(-1, i, torch.relu(v)) @ d.W_dec
+    scale = (error - error.mean(0)).pow(2).sum(-1).mean()
+    return mse + d.cfg.auxk_coefficient * (error_hat - error).pow(2).sum(-1).mean() / scale
+
+
+@pytest.mark.parametrize("type_name", ["topk", "batchtopk"])
+@pytest.mark.parametrize("n_dead", [0, 5, 40])  # none; fewer than k_aux (no top-k among them); more
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("centred", [True, False])  # apply_b_dec_to_input
+def test_each_training_path_has_autograds_gradients(type_name, n_dead, sparse, centred):
+    d = create_dictionary(type_name, d_in=16, d_sae=64, site="resid_post.0", k=4, k_aux=8, dtype="float64",
+                          apply_b_dec_to_input=centred)
+    g = torch.Generator().manual_seed(n_dead)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
+    x = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    target = x + 0.1 * torch.randn(24, 16, generator=g, dtype=torch.float64)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[torch.randperm(64, generator=g)[:n_dead]] = True
+    out = d.training_loss(x, target, dead=dead, sparse=sparse)
+    ours = torch.autograd.grad(out["loss"], [d.W_enc, d.b_enc, d.W_dec, d.b_dec])
+    reference = _textbook_topk_loss(d, x, target, dead, 4, type_name == "batchtopk")
+    expected = torch.autograd.grad(reference, [d.W_enc, d.b_enc, d.W_dec, d.b_dec])
+    torch.testing.assert_close(out["loss"], reference, rtol=1e-12, atol=1e-12)
+    for name, a, b in zip(("W_enc", "b_enc", "W_dec", "b_dec"), ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    assert out["l0"] <= 4 and out["fired"].sum() > 0

@@ -2,7 +2,7 @@
 
 import torch
 
-from nnsight_sae.dictionary import Dictionary, DictionaryConfig
+from nnsight_sae.dictionary import Dictionary, DictionaryConfig, activity
 from nnsight_sae.options import Option
 
 
@@ -37,7 +37,7 @@ class GatedSAE(Dictionary):
         gate, mag = self.gate_and_magnitude(x)
         return (gate > 0).to(mag.dtype) * torch.relu(mag)
 
-    def training_loss(self, x, target, *, sparsity_scale=1.0, dead=None):
+    def training_loss(self, x, target, *, sparsity_scale=1.0, dead=None, sparse=True):
         gate, mag = self.gate_and_magnitude(x)
         f = (gate > 0).to(mag.dtype) * torch.relu(mag)
         recon = self.decode(f)
@@ -48,7 +48,7 @@ class GatedSAE(Dictionary):
         aux = (gate_act @ self.W_dec.detach() + self.b_dec.detach() - target).pow(2).mean()
         l1 = gate_act.sum(-1).mean()
         loss = mse + self.cfg.l1_coefficient * sparsity_scale * l1 + aux
-        return {"loss": loss, "features": f, "recon": recon, "mse": mse}
+        return {"loss": loss, "recon": recon, "mse": mse, **activity(f)}
 
     def to_saelens(self):
         return {"architecture": "gated"}

@@ -13,25 +13,106 @@ def topk_relu(pre, k):
     return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
 
 
-def sparse_decode(values, indices, W_dec, b_dec):
-    """sum_j values[..., j] * W_dec[indices[..., j]] + b_dec: the decode of k active
-    features without the dense (rows, d_sae) @ (d_sae, d) product, forward and backward."""
-    flat_i, flat_v = indices.reshape(-1, indices.shape[-1]), values.reshape(-1, values.shape[-1])
-    out = torch.nn.functional.embedding_bag(flat_i, W_dec, per_sample_weights=flat_v, mode="sum")
-    return out.reshape(*values.shape[:-1], W_dec.shape[1]) + b_dec
+class _PickedPreActs(torch.autograd.Function):
+    """The encoder's pre-activations ``(x - b_dec) @ W_enc + b_enc``, computed with one dense
+    product but returned, and differentiated, only where they are used: at the entries
+    ``choose(pre)`` picks (each row's top k, or the batch's), and in the dead features'
+    columns (for the auxiliary loss). The backward never forms the dense (rows, d_sae)
+    gradient or its two dense products: W_enc's gradient is a sparse product over the
+    picked entries plus a product the size of the dead columns; b_dec's (through
+    ``x - b_dec``) is ``-W_enc @ grad(b_enc)``."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, choose, dead):
+        centred = x if b_dec is None else x - b_dec
+        pre = torch.addmm(b_enc, centred, W_enc)
+        rows, cols = choose(pre)
+        dead_pre = pre.index_select(1, dead)
+        ctx.save_for_backward(centred, W_enc, rows, cols, dead)
+        ctx.subtracts_b_dec = b_dec is not None
+        ctx.mark_non_differentiable(rows, cols)
+        return pre[rows, cols], rows, cols, dead_pre
+
+    @staticmethod
+    def backward(ctx, grad_picked, _rows, _cols, grad_dead):
+        centred, W_enc, rows, cols, dead = ctx.saved_tensors
+        d_in, d_sae = W_enc.shape
+        picks = torch.sparse_coo_tensor(torch.stack([cols, rows]), grad_picked, (d_sae, len(centred)),
+                                        check_invariants=False)
+        grad_W = torch.sparse.mm(picks, centred)  # (d_sae, d_in), W_enc's gradient transposed
+        grad_b = centred.new_zeros(d_sae).index_add_(0, cols, grad_picked)
+        if len(dead):
+            grad_W.index_add_(0, dead, grad_dead.T @ centred)
+            grad_b.index_add_(0, dead, grad_dead.sum(0))
+        grad_b_dec = -(W_enc @ grad_b) if ctx.subtracts_b_dec else None
+        return None, grad_W.T, grad_b, grad_b_dec, None, None
 
 
-def auxk_loss(d, x, target, recon, dead):
-    """Gao et al.'s auxiliary loss: the dead features' top-k_aux pre-activations
-    reconstruct the residual error, normalised by the error's variance."""
-    if dead is None or not dead.any():
+def picked_pre_acts(d, x, choose, dead, *, sparse: bool):
+    """(values at the entries ``choose(pre)`` picks, their rows, their columns, the columns
+    ``dead`` (indices) of pre) for 2-D x. ``sparse``: by ``_PickedPreActs``; otherwise by
+    autograd through the dense pre-activations (same values and gradients)."""
+    if sparse:
+        b_dec = d.b_dec if d.cfg.apply_b_dec_to_input else None
+        return _PickedPreActs.apply(x, d.W_enc, d.b_enc, b_dec, choose, dead)
+    pre = d.pre_acts(x)
+    with torch.no_grad():
+        rows, cols = choose(pre)
+    return pre[rows, cols], rows, cols, pre.index_select(1, dead)
+
+
+def row_topk(k):
+    """choose for ``picked_pre_acts``: the k largest pre-activations of each row, row by row."""
+    def choose(pre):
+        cols = pre.topk(k, dim=-1, sorted=False).indices
+        return torch.arange(len(pre), device=pre.device).repeat_interleave(cols.shape[1]), cols.reshape(-1)
+    return choose
+
+
+def batch_topk(k):
+    """choose for ``picked_pre_acts``: the k x rows largest pre-activations of the whole batch, row by row."""
+    def choose(pre):
+        flat = pre.reshape(-1).topk(min(k * len(pre), pre.numel()), sorted=False).indices.sort().values
+        return torch.div(flat, pre.shape[1], rounding_mode="floor"), flat % pre.shape[1]
+    return choose
+
+
+def sparse_decode(values, rows, cols, W_dec, b_dec, n_rows: int):
+    """sum over each row's picks of value * W_dec[col], + b_dec: the decode of a few active
+    features per row (rows sorted) without the dense (rows, d_sae) @ (d_sae, d) product,
+    forward and backward."""
+    offsets = torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))
+    return torch.nn.functional.embedding_bag(cols, W_dec, offsets, per_sample_weights=values, mode="sum") + b_dec
+
+
+def auxk_loss(d, dead_pre, dead, target, recon):
+    """Gao et al.'s auxiliary loss: the dead features' (``dead``: indices) top-k_aux
+    pre-activations (``dead_pre``: their columns) reconstruct the residual error, normalised by the error's
+    variance. Its cost grows with the number of dead features, not with d_sae."""
+    n_dead = dead_pre.shape[1]
+    if n_dead == 0:
         return recon.new_zeros(())
-    k_aux = min(d.cfg.k_aux or d.d_in // 2, int(dead.sum()))
-    pre = d.pre_acts(x).masked_fill(~dead, float("-inf"))
+    k_aux = min(d.cfg.k_aux or d.d_in // 2, n_dead)
+    acts = torch.relu(dead_pre) if k_aux == n_dead else topk_relu(dead_pre, k_aux)
     error = (target - recon).detach()
-    error_hat = topk_relu(pre, k_aux) @ d.W_dec
+    error_hat = acts @ d.W_dec[dead]
     scale = (error - error.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
     return (error_hat - error).pow(2).sum(-1).mean() / scale
+
+
+def _topk_loss(d, x, target, choose, dead, sparse):
+    """The training loss of the top-k types: MSE of the sparse decode plus the auxiliary loss."""
+    dead = torch.nonzero(dead).flatten() if dead is not None else torch.zeros(0, dtype=torch.long, device=x.device)
+    picked, rows, cols, dead_pre = picked_pre_acts(d, x, choose, dead, sparse=sparse)
+    values = torch.relu(picked)
+    recon = sparse_decode(values, rows, cols, d.W_dec, d.b_dec, len(x))
+    mse = (recon - target).pow(2).mean()
+    aux = auxk_loss(d, dead_pre, dead, target, recon)
+    active = values > 0
+    fired = torch.zeros(d.d_sae, dtype=torch.bool, device=x.device)
+    fired[cols[active]] = True
+    return {"loss": mse + d.cfg.auxk_coefficient * aux, "recon": recon, "mse": mse, "fired": fired,
+            "l0": active.sum() / len(x), "values": values.detach()}
 
 
 class _TopKOptions(DictionaryConfig):
@@ -61,18 +142,11 @@ class TopKSAE(Dictionary):
     def encode(self, x):
         return topk_relu(self.pre_acts(x), self.cfg.k)
 
-    def training_loss(self, x, target, *, sparsity_scale=1.0, dead=None):
+    def training_loss(self, x, target, *, sparsity_scale=1.0, dead=None, sparse=True):
         # sparsity_scale runs 0 -> 1 over the warm-up: k runs 4k -> k
         k = self.cfg.k
         k_now = round(k * (4 - 3 * sparsity_scale)) if self.cfg.k_warmup else k
-        values, indices = self.pre_acts(x).topk(min(k_now, self.d_sae), dim=-1)
-        values = torch.relu(values)
-        recon = sparse_decode(values, indices, self.W_dec, self.b_dec)
-        f = torch.zeros(*values.shape[:-1], self.d_sae, dtype=values.dtype, device=values.device)
-        f = f.scatter(-1, indices, values.detach())  # for the trainer's statistics
-        mse = (recon - target).pow(2).mean()
-        aux = auxk_loss(self, x, target, recon, dead)
-        return {"loss": mse + self.cfg.auxk_coefficient * aux, "features": f, "recon": recon, "mse": mse}
+        return _topk_loss(self, x, target, row_topk(min(k_now, self.d_sae)), dead, sparse)
 
     def to_saelens(self):
         return {"architecture": "topk", "k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
@@ -111,26 +185,16 @@ class BatchTopKSAE(Dictionary):
         pre = self.pre_acts(x)
         return torch.relu(pre) * (pre > self.threshold)
 
-    def encode_train(self, x):
-        pre = torch.relu(self.pre_acts(x))
-        flat = pre.reshape(-1)
-        k = min(self.cfg.k * pre.reshape(-1, pre.shape[-1]).shape[0], flat.numel())
-        values, indices = flat.topk(k)
-        return torch.zeros_like(flat).scatter(0, indices, values).reshape(pre.shape)
-
-    def training_loss(self, x, target, *, sparsity_scale=1.0, dead=None):
-        f = self.encode_train(x)
-        recon = self.decode(f)
-        mse = (recon - target).pow(2).mean()
+    def training_loss(self, x, target, *, sparsity_scale=1.0, dead=None, sparse=True):
+        out = _topk_loss(self, x, target, batch_topk(self.cfg.k), dead, sparse)
         with torch.no_grad():  # inference threshold: running mean of the smallest kept activation
-            kept = f[f > 0]
+            kept = out["values"][out["values"] > 0]
             if kept.numel():
                 m = self.cfg.threshold_momentum
                 current = self.threshold[0]
                 new = kept.min() if current == 0 else m * current + (1 - m) * kept.min()
                 self.threshold.fill_(float(new))
-        aux = auxk_loss(self, x, target, recon, dead)
-        return {"loss": mse + self.cfg.auxk_coefficient * aux, "features": f, "recon": recon, "mse": mse}
+        return out
 
     def to_saelens(self):
         return {"architecture": "jumprelu"}  # as SAELens saves its BatchTopK for inference
