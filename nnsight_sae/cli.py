@@ -13,9 +13,42 @@ from .options import REQUIRED, Option, Options
 
 
 def cmd_info(args) -> int:
+    from .files import SAELENS
     from .plugins import registry
 
-    print(json.dumps(registry().to_json(), indent=2))
+    info = registry().to_json()
+    # our own layout is the core's, listed beside the plugins' formats
+    info["formats"] = {SAELENS.name: {"plugin": "core", "help": SAELENS.help, "library": SAELENS.library,
+                                      "writes": True}, **info["formats"]}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from .files import fetch, format_of, save_dictionary
+
+    _fail_if_exists(args.out)
+    path = fetch(args.repo, args.path)
+    fmt = format_of(path)
+    d = fmt.read(path)
+    save_dictionary(d, args.out)
+    print(f"{args.repo}{'/' + args.path if args.path else ''}: a {fmt.name} {d.type_name} dictionary at {d.site} "
+          f"(d_in {d.d_in}, d_sae {d.d_sae}); wrote {args.out} in our layout")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .files import SAELENS, format_of, formats
+
+    writers = {f.name: f for f in formats() if f.writes}
+    if args.to not in writers:
+        raise NnsightSaeError(f"--to {args.to!r}: the layouts nnsight-sae writes are {', '.join(sorted(writers))}")
+    _fail_if_exists(args.out)
+    source = Path(args.src)
+    fmt = format_of(source)
+    d = fmt.read(source)
+    writers[args.to].write(d, Path(args.out))
+    print(f"{args.src} ({fmt.name}, {d.type_name} at {d.site}) -> {args.out} ({args.to})")
     return 0
 
 
@@ -320,6 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("info", help="JSON of everything the plugins registered, with the plugin of each")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("pull", help="fetch a published dictionary from the Hugging Face Hub (only the files it "
+                                    "needs), detect its layout, write it in ours")
+    p.add_argument("repo", help="Hub repo id, e.g. EleutherAI/sae-pythia-70m-32k")
+    p.add_argument("path", nargs="?", help="the dictionary's folder or file inside the repo")
+    p.add_argument("--out", required=True, help="folder for the dictionary in our (SAELens) layout")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("convert", help="read a dictionary in any layout we read, write it in ours (or another)")
+    p.add_argument("src", help="the dictionary's folder or file")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--to", default="saelens", help="layout to write (see `info` formats with writes: true)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("train", help="harvest activations, train dictionaries, evaluate them")
     p.add_argument("--type", type=_csv(str), required=True, help="dictionary type(s), comma-separated")

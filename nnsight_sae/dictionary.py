@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import OptionError
 from .options import REQUIRED, Option, Options
 
 
@@ -30,13 +31,22 @@ class DictionaryConfig(Options):
     dtype = Option(str, "float32", "weights' dtype", choices=("float32", "float64", "float16", "bfloat16"), cli=False)
     apply_b_dec_to_input = Option(bool, True, "subtract the decoder bias from the input before encoding", cli=False)
     training_tokens = Option(int, None, "activation rows it was trained on", cli=False)
+    # Any type can predict another site than the one it reads (a transcoder): then its decoder
+    # bias is the output's, never subtracted from the input.
+    out_site = Option(str, None, "the site it predicts, if not the one it reads", cli=False)
+    d_out = Option(int, None, "width of what it predicts (default d_in)", min=1, cli=False)
+    skip = Option(bool, False, "add a linear skip term from input to output", cli=False)
+
+    def check(self):
+        if self.out_site is not None and self.apply_b_dec_to_input:
+            raise OptionError(f"a dictionary predicting {self.out_site} from {self.site} cannot subtract its decoder "
+                              f"bias (the output's) from its input: set apply_b_dec_to_input false")
+        if (self.d_out not in (None, self.d_in) or self.skip) and self.out_site is None:
+            raise OptionError("d_out and skip are for dictionaries that predict another site (out_site)")
 
     def hyper_parameters(self) -> dict:
-        """The type's own settings a user chooses (its options beyond what every dictionary
-        has, except those kept off the command line)."""
-        common = DictionaryConfig.declared()
-        return {name: getattr(self, name) for name, option in self.declared().items()
-                if name not in common and option.cli}
+        """The type's own settings a user chooses (the options on the command line)."""
+        return {name: getattr(self, name) for name, option in self.declared().items() if option.cli}
 
 
 class Dictionary(torch.nn.Module):
@@ -71,6 +81,8 @@ class Dictionary(torch.nn.Module):
         self.b_enc = torch.nn.Parameter(torch.zeros(self.d_sae, dtype=dtype))
         self.W_dec = torch.nn.Parameter(torch.empty(self.d_sae, self.d_out, dtype=dtype))
         self.b_dec = torch.nn.Parameter(torch.zeros(self.d_out, dtype=dtype))
+        if cfg.skip:
+            self.W_skip = torch.nn.Parameter(torch.zeros(self.d_out, self.d_in, dtype=dtype))
         self.reset_parameters()
 
     # -- shape ------------------------------------------------------------
@@ -84,8 +96,8 @@ class Dictionary(torch.nn.Module):
 
     @property
     def d_out(self) -> int:
-        """Width of what it writes (d_in, except for a transcoder)."""
-        return self.cfg.d_in
+        """Width of what it writes (d_in, except for some transcoders)."""
+        return self.cfg.d_out or self.cfg.d_in
 
     @property
     def site(self) -> str:
@@ -94,7 +106,7 @@ class Dictionary(torch.nn.Module):
     @property
     def out_site(self) -> str | None:
         """The site it predicts when that is not the one it reads (transcoders), else None."""
-        return None
+        return self.cfg.out_site
 
     # -- init -------------------------------------------------------------
     def reset_parameters(self, seed=None):
@@ -165,8 +177,8 @@ class Dictionary(torch.nn.Module):
         return {"loss": loss, "recon": recon, "mse": mse, **activity(f)}
 
     def skip_term(self, x):
-        """A linear path from input to output besides the features (zero by default)."""
-        return 0
+        """The linear skip path from input to output besides the features (zero without one)."""
+        return x @ self.W_skip.T if self.cfg.skip else 0
 
     @torch.no_grad()
     def fold_input_scale(self, scale_in: float, scale_out: float):
@@ -178,6 +190,8 @@ class Dictionary(torch.nn.Module):
             if p is not None:
                 p.div_(scale_out)
         self.b_dec.div_(scale_out)
+        if self.cfg.skip:
+            self.W_skip.mul_(scale_in / scale_out)
 
     @torch.no_grad()
     def resample(self, dead, inputs, errors, generator):
@@ -199,16 +213,27 @@ class Dictionary(torch.nn.Module):
 
     # -- files ------------------------------------------------------------
     def to_saelens(self) -> dict:
-        """This type's fields of a SAELens cfg.json (``architecture`` and its own, e.g. ``k``);
-        a ``metadata`` dict is merged into the file's metadata. Types SAELens has no class for
-        keep their own name as the architecture (only this library reads them)."""
+        """This type's fields of a SAELens cfg.json (``architecture``, as a transcoder too when it
+        has an out_site, and its own fields, e.g. ``k``); a ``metadata`` dict is merged into the
+        file's metadata. Types SAELens has no class for keep their own name as the architecture
+        (only this library reads them)."""
         return {"architecture": self.type_name}
 
     @classmethod
-    def from_saelens(cls, cfg: dict, site_of) -> dict | None:
-        """This type's options for a SAELens cfg.json it reads (the common ones are read by
-        ``nnsight_sae.files``), or None when the file is not of this type. ``site_of(hook)``
-        turns a TransformerLens hook name into a site."""
+    def saelens_weights(cls, cfg: dict, weights: dict) -> dict:
+        """The weights of a SAELens file of this type as this type uses them (a type whose file
+        asks for an inference-time transform folds it in here)."""
+        return weights
+
+    def file_state(self) -> dict:
+        """The tensors a file holds (the state dict; a type with derived copies refreshes them)."""
+        return self.state_dict()
+
+    @classmethod
+    def from_saelens(cls, cfg: dict) -> dict | None:
+        """This type's options for a SAELens cfg.json it reads (the common ones, sites and
+        widths included, are read by ``nnsight_sae.files``), or None when the file is not of
+        this type."""
         return None
 
     def extra_repr(self):

@@ -27,7 +27,8 @@ from .models import trace_options
 from .sites import resolve_site, site_layer
 
 # forward order of the named sites inside one layer
-_ORDER = {"resid_pre": 0, "head_out": 1, "attn_out": 2, "mlp_in": 3, "mlp_out": 4, "resid_post": 5}
+_ORDER = {"resid_pre": 0, "attn_z": 1, "head_out": 1, "attn_out": 2, "resid_mid": 3, "mlp_in": 4, "mlp_post": 5,
+          "mlp_out": 6, "resid_post": 7}
 
 
 class HarvestError(NnsightSaeError):

@@ -72,3 +72,13 @@ def nnsight_sae_architectures():
     ``mlp_in``, ``mlp_out``) and the analyses (norms, value and output projections,
     embedding, unembedding) resolve to.
     """
+
+
+@hookspec
+def nnsight_sae_formats():
+    """Register dictionary file formats: a list of :class:`nnsight_sae.files.Format` instances.
+
+    Each has a ``name``, ``detect(path)`` (does this folder or file hold one?), ``read(path)``
+    -> Dictionary, the ``hub_files`` a Hub download needs, and optionally ``write``.
+    ``load_dictionary`` tries them in turn before our own (SAELens) layout.
+    """

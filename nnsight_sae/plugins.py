@@ -28,6 +28,7 @@ KINDS = {
     "nnsight_sae_circuit_methods": ("circuit_methods", "circuit method"),
     "nnsight_sae_tasks": ("tasks", "task"),
     "nnsight_sae_architectures": ("architectures", "architecture"),
+    "nnsight_sae_formats": ("formats", "dictionary format"),
 }
 
 
@@ -51,6 +52,7 @@ class Registry:
     circuit_methods: dict[str, Entry] = field(default_factory=dict)
     tasks: dict[str, Entry] = field(default_factory=dict)
     architectures: dict[str, Entry] = field(default_factory=dict)
+    formats: dict[str, Entry] = field(default_factory=dict)
 
     def get(self, kind: str, name: str):
         """The object registered as ``name`` in ``kind`` (e.g. "dictionary_types")."""
@@ -74,6 +76,8 @@ def _describe(obj) -> dict:
     out = {"help": doc[0] if doc else ""}
     if getattr(obj, "model_types", None):
         out["model_types"] = list(obj.model_types)
+    if getattr(obj, "library", None):  # a file format: the maker's code it was checked against
+        out.update(library=obj.library, writes=obj.writes)
     options = getattr(obj, "config_class", None) or getattr(obj, "Options", None)
     if options is not None:  # the settings it takes, with their defaults (None: required or unset)
         out["options"] = {name: None if o.required else o.default for name, o in options.declared().items() if o.cli}

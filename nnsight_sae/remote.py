@@ -3,9 +3,11 @@
 
 A model loaded with ``load_model(..., remote=...)`` carries the setting, and every trace
 the library runs takes it through ``models.trace_options``. Before a request leaves (or,
-simulated, before it runs here) it is checked the way NDIF's server would take it: under
-the request size limit, and every module its unpickling imports on the server's
-allow-list. nnsight's own ``remote="local"`` simulation enforces neither.
+simulated, before it runs here) it is checked: under our request size limit (a default of
+ours; see ``DEFAULT_MAX_REQUEST_BYTES``), and every module its unpickling imports on the
+import allow-list an earlier NDIF server enforced (``remote_check``). Neither nnsight 0.8.1's
+client (``intervention/backends/remote.py``: it only compresses and posts) nor its
+``remote="local"`` simulation checks anything.
 """
 
 from __future__ import annotations
@@ -21,16 +23,20 @@ from .errors import ModelLoadError, RemoteError
 from .hub import is_hub_id
 from .remote_check import NDIF_ALLOWED, OURS, traced_modules
 
-# ndif-team/ndif src/services/api/src/config.py: NDIF_MAX_REQUEST_SIZE defaults to 1 GiB.
+# Our default, not a limit of the current server: ndif 0.1.2 (PyPI; services/api/app.py) measures a
+# request's size but enforces none ("TODO: ... add a configurable request-size cap"). An earlier
+# ndif-team/ndif (src/services/api/src/config.py, NDIF_MAX_REQUEST_SIZE) refused uploads over 1 GiB,
+# counting the compressed upload; we count the uncompressed request, which is stricter.
 DEFAULT_MAX_REQUEST_BYTES = 1 << 30
-# Importable while NDIF unpickles a request (protected_environment.py's deserialisation extras).
+# Importable while that server unpickled a request (protected_environment.py's deserialisation list,
+# which names specific nnsight modules; we allow all of nnsight, and _codecs, which pickles of bytes use).
 UNPICKLE_ALLOWED = NDIF_ALLOWED + ("pickle", "cloudpickle", "copyreg", "_codecs", "nnsight")
 _ATTR = "_nnsight_sae_remote"
 _LAST_REQUEST = "_nnsight_sae_last_request"
 
 
 def max_request_bytes() -> int:
-    """NDIF's request size limit: $NNSIGHT_SAE_REMOTE_MAX_BYTES, else 1 GiB."""
+    """The largest request we send: $NNSIGHT_SAE_REMOTE_MAX_BYTES, else 1 GiB (our default)."""
     return int(os.environ.get("NNSIGHT_SAE_REMOTE_MAX_BYTES") or DEFAULT_MAX_REQUEST_BYTES)
 
 
@@ -119,7 +125,7 @@ def check_request(blob: bytes) -> None:
     import, while the server unpickles it, a module outside its allow-list."""
     limit = max_request_bytes()
     if len(blob) > limit:
-        raise RemoteError(f"this trace's request is {len(blob) / 2**20:,.1f} MiB, over NDIF's limit of "
+        raise RemoteError(f"this trace's request is {len(blob) / 2**20:,.1f} MiB, over our limit of "
                           f"{limit / 2**20:,.1f} MiB; the dictionaries' weights travel with every request: "
                           "use fewer or narrower dictionaries per trace, or bfloat16 weights")
     bad = sorted(m for m in imported_modules(blob) if not any(m == a or m.startswith(a + ".") for a in UNPICKLE_ALLOWED))

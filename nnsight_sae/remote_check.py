@@ -1,7 +1,10 @@
 """Checks that code meant to run inside a trace imports only what NDIF allows.
 
-NDIF's server replaces ``__import__`` with an allow-list; nnsight's
-``remote="local"`` simulation does not enforce it, so we do. A module passes
+NDIF's server as of ndif-team/ndif main at 028db44 (February 2026) replaced ``__import__``
+with an allow-list while it unpickled and ran a request. ndif 0.1.2 (PyPI) no longer does
+(untrusted code runs in a separate runner process instead), but a deployment of the earlier
+server still would, and nnsight's ``remote="local"`` simulation never checked it, so we keep
+in-trace code within it. A module passes
 when every import in it (at any depth, lazy ones included) names an allowed
 top-level package, or another module of ours that itself passes (it would be
 shipped by value with ``nnsight.register``).
@@ -13,7 +16,8 @@ import ast
 import importlib
 import inspect
 
-# From ndif-team/ndif's protected_environment.py (Feb 2026).
+# ndif-team/ndif at 028db44, src/services/ray/src/ray/nn/security/protected_environment.py, WHITELISTED_MODULES
+# (plus __future__, a compile-time directive that imports nothing when the code runs).
 NDIF_ALLOWED = ("torch", "collections", "time", "numpy", "sympy", "nnterp", "math", "einops",
                 "urllib3", "typing", "_operator", "operator", "pandas", "enum", "builtins",
                 "__future__", "nnsight.intervention.envoy")

@@ -1,8 +1,8 @@
 """Site names and the per-family architecture maps they resolve through.
 
-A site string is ``KIND.LAYER`` (``resid_pre``, ``resid_post``, ``attn_out``,
-``head_out``, ``mlp_in``, ``mlp_out``) or a raw ``module:PATH`` (the module's
-output) / ``module:PATH:input``, PATH as in ``named_modules()``.
+A site string is ``KIND.LAYER`` (``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_z``,
+``attn_out``, ``head_out``, ``mlp_in``, ``mlp_post``, ``mlp_out``) or a raw ``module:PATH``
+(the module's output) / ``module:PATH:input``, PATH as in ``named_modules()``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from .errors import SiteError, UnknownFamilyError
 from .plugins import registry
 from .traced import Site
 
-SITE_KINDS = ("resid_pre", "resid_post", "attn_out", "head_out", "mlp_in", "mlp_out")
+SITE_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_z", "attn_out", "head_out", "mlp_in", "mlp_post",
+              "mlp_out")
 _SITE_RE = re.compile(r"^(?P<kind>[a-z_]+)\.(?P<layer>-?\d+)$")
 
 
@@ -46,6 +47,8 @@ class ArchitectureMap:
     embed: str
     unembed: str
     final_norm: str | None = None
+    resid_mid: str | None = None  # the residual between attention and MLP (None: parallel or post-norm blocks)
+    mlp_post: str | None = None  # the MLP's hidden activation, after its non-linearity
     mlp_norm: str | None = None  # the norm before the MLP, relative to the layer (None: post-norm or unknown)
     attn_norm: str | None = None  # the norm before attention, relative to the layer
     v_proj: str | None = None  # the attention's value projection, relative to the layer
@@ -120,8 +123,10 @@ def n_kv_heads(model) -> int:
 
 
 def _width(module, io: str):
-    """The activation width of a raw site where the module declares it (Linear), else None."""
-    return getattr(module, "in_features" if io == "input" else "out_features", None)
+    """The activation width of a raw site where the module declares it (Linear, or GPT-2's
+    Conv1D: nx in, nf out), else None."""
+    return getattr(module, "in_features" if io == "input" else "out_features",
+                   getattr(module, "nx" if io == "input" else "nf", None))
 
 
 def resolve_site(model, site: str) -> Site:
@@ -153,10 +158,14 @@ def resolve_site(model, site: str) -> Site:
         path = join_path(layer_path, arch.o_proj)
         return Site(site, envoy_at(model, path), "input", layer=layer, d_in=d_model,
                     n_heads=config.num_attention_heads, weight_layout=arch.o_proj_layout)
-    rel_path, io = getattr(arch, kind).rsplit(":", 1)
+    location = f"{arch.o_proj}:input" if kind == "attn_z" else getattr(arch, kind)
+    if location is None:
+        raise SiteError(f"site {site!r}: the {arch.name} family has no {kind} (see its architecture map)")
+    rel_path, io = location.rsplit(":", 1)
     path = join_path(layer_path, rel_path)
-    submodule(root, path)
-    return Site(site, envoy_at(model, path), io, layer=layer, d_in=d_model)
+    module = submodule(root, path)
+    width = _width(module, io) if kind in ("attn_z", "mlp_post") else d_model
+    return Site(site, envoy_at(model, path), io, layer=layer, d_in=width)
 
 
 def site_layer(site: str) -> int | None:

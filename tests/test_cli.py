@@ -148,3 +148,26 @@ def test_device_map_and_remote_flags(tiny_gpt2, tmp_path):
              "--tokens", 256, "--ctx-len", 32, "--out", tmp_path / "e")
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert json.loads((tmp_path / "e" / "eval.json").read_text())["fvu"] > 0
+
+
+def test_convert_between_layouts_and_bad_files(tmp_path):
+    from nnsight_sae import load_dictionary, save_dictionary
+    from nnsight_sae.testing import random_dictionary
+
+    d = random_dictionary("resid_post.1", type_name="topk", k=4)
+    save_dictionary(d, tmp_path / "ours")
+    done = cli("convert", tmp_path / "ours", "--to", "sparsify", "--out", tmp_path / "layers.1")
+    assert done.returncode == 0, done.stderr
+    assert {p.name for p in (tmp_path / "layers.1").iterdir()} == {"cfg.json", "sae.safetensors"}
+    back = cli("convert", tmp_path / "layers.1", "--out", tmp_path / "again")
+    assert back.returncode == 0, back.stderr
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(load_dictionary(tmp_path / "again").encode(x), d.encode(x))
+    assert "--to 'gemma_scope'" in assert_one_line_exit_2(cli("convert", tmp_path / "ours", "--to", "gemma_scope",
+                                                               "--out", tmp_path / "gs"))
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "config.json").write_text('{"trainer": {"dict_class": "AutoEncoder", "activation_dim": 32, '
+                                                   '"dict_size": 64, "layer": 1, "submodule_name": "resid_1"}}')
+    (tmp_path / "fake" / "ae.pt").write_bytes(b"\x80\x04\x95 not a state dict")  # a pickle header
+    line = assert_one_line_exit_2(cli("convert", tmp_path / "fake", "--out", tmp_path / "never"))
+    assert "ae.pt" in line and not (tmp_path / "never").exists()

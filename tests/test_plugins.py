@@ -8,7 +8,7 @@ import nnsight_sae
 from nnsight_sae import PluginError, UnknownNameError, hookimpl
 from nnsight_sae.plugins import build_plugin_manager, collect, registry
 
-FIRST_PARTY = {"archs", "saes", "circuits", "features"}
+FIRST_PARTY = {"archs", "saes", "circuits", "features", "formats"}
 
 
 def test_first_party_plugins_load_through_entry_points():
@@ -61,7 +61,10 @@ def test_info_prints_json_with_owners():
     assert info["architectures"]["llama"]["plugin"] == "archs"
     assert "qwen2" in info["architectures"]["llama"]["model_types"]
     assert info["dictionary_types"]["topk"]["plugin"] == "saes"
-    assert set(info) == {"plugins", "dictionary_types", "analyses", "circuit_methods", "tasks", "architectures"}
+    assert set(info) == {"plugins", "dictionary_types", "analyses", "circuit_methods", "tasks", "architectures",
+                         "formats"}
+    assert info["formats"]["saelens"]["plugin"] == "core" and info["formats"]["sparsify"]["plugin"] == "formats"
+    assert info["formats"]["sparsify"]["library"] == "eai-sparsify 1.3.3" and info["formats"]["sparsify"]["writes"]
     assert info["circuit_methods"]["attribution"]["plugin"] == "circuits"
 
 

@@ -1,5 +1,5 @@
 """remote= through load_model and every analysis that traces, on nnsight's local simulation
-of the NDIF round trip; each request is checked against NDIF's size limit and import
+of the NDIF round trip; each request is checked against our size limit and the import
 allow-list (which the simulation itself does not enforce); remote bad input."""
 
 import os
@@ -132,7 +132,7 @@ def test_request_over_the_size_limit_is_refused(pair, monkeypatch):
     simulated = pair[1]
     a = attach(simulated, random_dictionary("resid_post.1", d_sae=4096))
     monkeypatch.setenv("NNSIGHT_SAE_REMOTE_MAX_BYTES", str(500_000))
-    with pytest.raises(RemoteError, match=r"request is 1\.\d MiB, over NDIF's limit of 0\.5 MiB"):
+    with pytest.raises(RemoteError, match=r"request is 1\.\d MiB, over our limit of 0\.5 MiB"):
         with simulated.trace(tiny_prompts(2), **trace_options(simulated)):
             a.splice()
             simulated.output.logits.save()

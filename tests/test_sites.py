@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from nnsight_sae import SiteError, UnknownFamilyError, load_model, resolve_site
-from nnsight_sae.sites import SITE_KINDS
+from nnsight_sae.sites import SITE_KINDS, architecture_of
 from nnsight_sae.testing import make_tiny_model, tiny_prompts
 
 PROMPTS = tiny_prompts(n=2, length=7)
@@ -24,14 +24,24 @@ def test_unmodified_trace_equals_plain_forward(tiny):
 @pytest.mark.parametrize("kind", SITE_KINDS)
 def test_every_site_reads_and_a_written_site_changes_the_logits(tiny, kind):
     clean = clean_logits(tiny)
+    if kind == "resid_mid" and architecture_of(tiny).resid_mid is None:  # parallel (NeoX) or post-norm (BERT)
+        with pytest.raises(SiteError, match="family has no resid_mid"):
+            resolve_site(tiny, "resid_mid.1")
+        return
     site = resolve_site(tiny, f"{kind}.1")
     with tiny.trace(PROMPTS):
         x = site.read().save()
         site.write(x + torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
         edited = tiny.output.logits.save()
-    d_model = tiny._module.config.hidden_size
+    config = tiny._module.config
+    d_model, n_heads = config.hidden_size, config.num_attention_heads
     if kind == "head_out":
-        assert x.shape == (2, 7, tiny._module.config.num_attention_heads, d_model)
+        assert x.shape == (2, 7, n_heads, d_model)
+    elif kind == "attn_z":  # the heads' outputs before the output projection, concatenated
+        assert x.shape == (2, 7, site.d_in) and site.d_in == n_heads * (getattr(config, "head_dim", None) or
+                                                                         d_model // n_heads)
+    elif kind == "mlp_post":  # the MLP's hidden width
+        assert x.shape == (2, 7, site.d_in) and site.d_in > d_model
     else:
         assert x.shape == (2, 7, d_model)
     assert (edited - clean).abs().max() > 1e-3
@@ -40,6 +50,8 @@ def test_every_site_reads_and_a_written_site_changes_the_logits(tiny, kind):
 @pytest.mark.parametrize("kind", SITE_KINDS)
 def test_writing_back_what_was_read_changes_nothing(tiny, kind):
     clean = clean_logits(tiny)
+    if kind == "resid_mid" and architecture_of(tiny).resid_mid is None:
+        return
     site = resolve_site(tiny, f"{kind}.2")
     with tiny.trace(PROMPTS):
         site.write(site.read())
@@ -71,7 +83,7 @@ def test_raw_module_sites(tiny_models):
 
 @pytest.mark.parametrize("bad, match", [
     ("resid_post", "malformed site"),
-    ("resid_mid.1", "malformed site"),
+    ("resid_middle.1", "malformed site"),
     ("resid_post.x", "malformed site"),
     ("resid_post.3", r"layer 3 out of range; this model has layers 0\.\.2"),
     ("resid_post.-1", "out of range"),

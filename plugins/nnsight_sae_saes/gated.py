@@ -12,7 +12,8 @@ class GatedConfig(DictionaryConfig):
 
 class GatedSAE(Dictionary):
     """Gate: pi_gate = W_enc (x - b_dec) + b_gate decides which features fire;
-    magnitude: pi_mag = (W_enc * exp(r_mag)) (x - b_dec) + b_mag sets how much.
+    magnitude: pi_mag = (W_enc * exp(r_mag)) (x - b_dec) + b_mag sets how much (b_dec is
+    subtracted only with ``apply_b_dec_to_input``, as in SAELens).
     f = 1[pi_gate > 0] * ReLU(pi_mag). There is no ``b_enc``: ``b_gate`` and
     ``b_mag`` take its place, as in SAELens' layout."""
 
@@ -30,7 +31,7 @@ class GatedSAE(Dictionary):
         self.r_mag = torch.nn.Parameter(torch.zeros(self.d_sae, dtype=self.W_enc.dtype))
 
     def gate_and_magnitude(self, x):
-        centred = (x - self.b_dec) @ self.W_enc
+        centred = (x - self.b_dec if self.cfg.apply_b_dec_to_input else x) @ self.W_enc
         return centred + self.b_gate, centred * torch.exp(self.r_mag) + self.b_mag
 
     def encode(self, x):
@@ -40,7 +41,7 @@ class GatedSAE(Dictionary):
     def training_loss(self, x, target, *, sparsity_scale=1.0, dead=None, sparse=True):
         gate, mag = self.gate_and_magnitude(x)
         f = (gate > 0).to(mag.dtype) * torch.relu(mag)
-        recon = self.decode(f)
+        recon = self.decode(f) + self.skip_term(x)
         mse = (recon - target).pow(2).mean()
         # the gate path is trained by an L1 on ReLU(gate) and by reconstructing
         # through a frozen decoder
@@ -54,5 +55,5 @@ class GatedSAE(Dictionary):
         return {"architecture": "gated"}
 
     @classmethod
-    def from_saelens(cls, cfg, site_of):
+    def from_saelens(cls, cfg):
         return {} if cfg.get("architecture") == "gated" else None

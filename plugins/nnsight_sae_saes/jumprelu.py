@@ -53,7 +53,8 @@ class JumpReLUConfig(DictionaryConfig):
 
 
 class JumpReLUSAE(Dictionary):
-    """f = ReLU(h) * (h > threshold) per feature, h = W_enc (x - b_dec) + b_enc.
+    """f = ReLU(h) * (h > threshold) per feature, h = W_enc (x - b_dec) + b_enc (a transcoder,
+    SAELens' jumprelu_transcoder, when it has an out_site: then h = W_enc x + b_enc).
 
     Trained with an L0 penalty; the threshold's gradient comes from
     straight-through estimators with a rectangle kernel of width ``bandwidth``.
@@ -83,8 +84,13 @@ class JumpReLUSAE(Dictionary):
         return _Step.apply(pre, self.threshold, self.cfg.bandwidth).sum(-1).mean()
 
     def to_saelens(self):
-        return {"architecture": "jumprelu"}
+        if self.out_site is None:
+            return {"architecture": "jumprelu"}
+        return {"architecture": "jumprelu_skip_transcoder" if self.cfg.skip else "jumprelu_transcoder"}
 
     @classmethod
-    def from_saelens(cls, cfg, site_of):
-        return {} if cfg.get("architecture") == "jumprelu" else None
+    def from_saelens(cls, cfg):
+        arch = cfg.get("architecture")
+        if arch not in ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder"):
+            return None
+        return {"skip": arch == "jumprelu_skip_transcoder"}

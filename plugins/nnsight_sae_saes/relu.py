@@ -52,6 +52,12 @@ class ReluSAE(Dictionary):
             self.W_enc.copy_(self.W_dec.T)
             self.b_dec.zero_()
 
+    def file_state(self):
+        state = self.state_dict()
+        if self.cfg.tied:  # the copies as the decoder now is, even if it was edited without normalize_decoder
+            state = {**state, "W_enc": self.W_dec.detach().T, "b_dec": torch.zeros_like(self.b_dec)}
+        return state
+
     @torch.no_grad()
     def fold_input_scale(self, scale_in, scale_out):
         if not self.cfg.tied:
@@ -60,8 +66,12 @@ class ReluSAE(Dictionary):
         self.b_enc.div_(scale_out)
 
     def to_saelens(self):
-        return {"architecture": "standard"}
+        if self.out_site is None:
+            return {"architecture": "standard"}
+        return {"architecture": "skip_transcoder" if self.cfg.skip else "transcoder"}  # the same math
 
     @classmethod
-    def from_saelens(cls, cfg, site_of):
-        return {} if cfg.get("architecture", "standard") == "standard" else None
+    def from_saelens(cls, cfg):
+        # a pre-6 flat config says "standard" for every activation: only ReLU's is ours
+        activation = cfg.get("activation_fn_str") or cfg.get("activation_fn") or "relu"
+        return {} if cfg.get("architecture", "standard") == "standard" and activation == "relu" else None

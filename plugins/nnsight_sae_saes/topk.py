@@ -7,6 +7,11 @@ from nnsight_sae.errors import OptionError
 from nnsight_sae.options import Option
 
 
+def saelens_activation(cfg: dict):
+    """The activation a SAELens pre-6 flat config names (activation_fn_str, or activation_fn)."""
+    return cfg.get("activation_fn_str") or cfg.get("activation_fn")
+
+
 def topk_relu(pre, k):
     """Keep the k largest pre-activations per row, ReLU them, zero the rest."""
     values, indices = pre.topk(k, dim=-1)
@@ -105,7 +110,7 @@ def _topk_loss(d, x, target, choose, dead, sparse):
     dead = torch.nonzero(dead).flatten() if dead is not None else torch.zeros(0, dtype=torch.long, device=x.device)
     picked, rows, cols, dead_pre = picked_pre_acts(d, x, choose, dead, sparse=sparse)
     values = torch.relu(picked)
-    recon = sparse_decode(values, rows, cols, d.W_dec, d.b_dec, len(x))
+    recon = sparse_decode(values, rows, cols, d.W_dec, d.b_dec, len(x)) + d.skip_term(x)
     mse = (recon - target).pow(2).mean()
     aux = auxk_loss(d, dead_pre, dead, target, recon)
     active = values > 0
@@ -149,15 +154,28 @@ class TopKSAE(Dictionary):
         return _topk_loss(self, x, target, row_topk(min(k_now, self.d_sae)), dead, sparse)
 
     def to_saelens(self):
-        return {"architecture": "topk", "k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
+        # SAELens has no top-k transcoder: such a file keeps a name only this library reads
+        return {"architecture": "topk" if self.out_site is None else "topk_transcoder", "k": self.cfg.k,
+                "rescale_acts_by_decoder_norm": False}
 
     @classmethod
-    def from_saelens(cls, cfg, site_of):
-        if cfg.get("architecture") != "topk":
+    def from_saelens(cls, cfg):
+        # SAELens 6 names the architecture; its pre-6 flat configs say "standard" with a top-k activation
+        pre6 = cfg.get("architecture", "standard") == "standard" and saelens_activation(cfg) == "topk"
+        if cfg.get("architecture") not in ("topk", "topk_transcoder") and not pre6:
             return None
-        if cfg.get("rescale_acts_by_decoder_norm"):
-            raise OptionError("rescale_acts_by_decoder_norm=true is not supported")
+        # SAELens' TopKSAEConfig defaults k to 100
         return {"k": cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k", 100))}
+
+    @classmethod
+    def saelens_weights(cls, cfg, weights):
+        """SAELens' rescale_acts_by_decoder_norm, folded into the weights as SAELens folds it when it
+        saves for inference (TopKTrainingSAE._fold_norm_topk): the same features and outputs."""
+        if not cfg.get("rescale_acts_by_decoder_norm"):
+            return weights
+        norm = weights["W_dec"].norm(dim=-1)
+        return {**weights, "b_enc": weights["b_enc"] * norm, "W_dec": weights["W_dec"] / norm[:, None],
+                "W_enc": weights["W_enc"] * norm[None, :]}
 
 
 class BatchTopKConfig(_TopKOptions):

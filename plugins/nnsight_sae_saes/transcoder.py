@@ -7,23 +7,25 @@ from nnsight_sae.errors import OptionError
 from nnsight_sae.options import Option
 
 
+def default_out_site(cfg) -> None:
+    """A transcoder reading mlp_in.L predicts mlp_out.L unless told otherwise."""
+    if cfg.out_site is None:
+        kind, _, layer = cfg.site.partition(".")
+        if kind != "mlp_in":
+            raise OptionError(f"a transcoder reads mlp_in.L and predicts mlp_out.L; for site {cfg.site!r} give "
+                              f"out_site too")
+        cfg.out_site = f"mlp_out.{layer}"
+
+
 class TranscoderConfig(DictionaryConfig):
-    out_site = Option(str, None, "the site it predicts (default: mlp_out.L for mlp_in.L)", cli=False)
-    d_out = Option(int, None, "width of what it predicts (default d_in)", min=1, cli=False)
     skip = Option(bool, False, "add a linear skip term from input to output")
     l1_coefficient = Option(float, 5e-4, "sparsity penalty (L1 of the features)", min=0.0, flags=("--l1",))
     apply_b_dec_to_input = Option(bool, False, "transcoders never subtract their output bias from the input",
                                   cli=False)
 
     def check(self):
-        if self.apply_b_dec_to_input:
-            raise OptionError("a transcoder's decoder bias is its output's; it cannot be subtracted from the input")
-        if self.out_site is None:
-            kind, _, layer = self.site.partition(".")
-            if kind != "mlp_in":
-                raise OptionError(f"a transcoder reads mlp_in.L and predicts mlp_out.L; for site {self.site!r} "
-                                  f"give out_site too")
-            self.out_site = f"mlp_out.{layer}"
+        default_out_site(self)
+        super().check()
 
 
 class Transcoder(Dictionary):
@@ -38,41 +40,13 @@ class Transcoder(Dictionary):
     help = "transcoder (Dunefsky et al. 2024): an MLP's input in, its output out"
     config_class = TranscoderConfig
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        if self.cfg.skip:
-            self.W_skip = torch.nn.Parameter(torch.zeros(self.d_out, self.d_in, dtype=self.W_enc.dtype))
-
-    @property
-    def d_out(self) -> int:
-        return self.cfg.d_out or self.cfg.d_in
-
-    @property
-    def out_site(self) -> str:
-        return self.cfg.out_site
-
     def encode(self, x):
         return torch.relu(self.pre_acts(x))
 
-    def skip_term(self, x):
-        """The linear skip contribution (zero without a skip)."""
-        return x @ self.W_skip.T if self.cfg.skip else 0
-
-    @torch.no_grad()
-    def fold_input_scale(self, scale_in, scale_out):
-        super().fold_input_scale(scale_in, scale_out)
-        if self.cfg.skip:
-            self.W_skip.mul_(scale_in / scale_out)
-
     def to_saelens(self):
-        return {"architecture": "skip_transcoder" if self.cfg.skip else "transcoder", "d_out": self.d_out,
-                "metadata": {"hook_name_out": self.out_site}}
+        return {"architecture": "skip_transcoder" if self.cfg.skip else "transcoder"}
 
     @classmethod
-    def from_saelens(cls, cfg, site_of):
+    def from_saelens(cls, cfg):
         arch = cfg.get("architecture")
-        if arch not in ("transcoder", "skip_transcoder"):
-            return None
-        hook_out = (cfg.get("metadata") or {}).get("hook_name_out") or cfg.get("hook_name_out")
-        return {"d_out": cfg.get("d_out", cfg.get("d_in")), "skip": arch == "skip_transcoder",
-                "out_site": site_of(hook_out) if hook_out else None}
+        return {"skip": arch == "skip_transcoder"} if arch in ("transcoder", "skip_transcoder") else None
