@@ -235,6 +235,16 @@ def test_d_in_mismatch_is_caught_before_model_work(tiny_models):
         attach(model, d)
 
 
+def test_a_dictionary_for_another_model_is_refused_or_warned_about(tiny_models):
+    model = tiny_models("llama")
+    other = make("topk", d_in=16, model="HuggingFaceTB/SmolLM2-135M")
+    with pytest.raises(DictionaryError, match=r"width 32\); it was made for HuggingFaceTB/SmolLM2-135M"):
+        attach(model, other)
+    same_width = make("topk", model="HuggingFaceTB/SmolLM2-135M")
+    with pytest.warns(UserWarning, match="made for 'HuggingFaceTB/SmolLM2-135M', not 'llama"):
+        attach(model, same_width)
+
+
 def test_site_from_another_family(tiny_models):
     d = make("relu", site="module:transformer.h.1")
     with pytest.raises(SiteError, match="no module 'transformer.h.1'"):

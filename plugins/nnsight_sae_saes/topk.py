@@ -56,7 +56,8 @@ class _PickedPreActs(torch.autograd.Function):
 def picked_pre_acts(d, x, choose, dead, *, sparse: bool):
     """(values at the entries ``choose(pre)`` picks, their rows, their columns, the columns
     ``dead`` (indices) of pre) for 2-D x. ``sparse``: by ``_PickedPreActs``; otherwise by
-    autograd through the dense pre-activations (same values and gradients)."""
+    autograd through the dense pre-activations (same values and gradients: the dense path,
+    for devices where dense products are faster)."""
     if sparse:
         b_dec = d.b_dec if d.cfg.apply_b_dec_to_input else None
         return _PickedPreActs.apply(x, d.W_enc, d.b_enc, b_dec, choose, dead)
@@ -110,7 +111,11 @@ def _topk_loss(d, x, target, choose, dead, sparse):
     dead = torch.nonzero(dead).flatten() if dead is not None else torch.zeros(0, dtype=torch.long, device=x.device)
     picked, rows, cols, dead_pre = picked_pre_acts(d, x, choose, dead, sparse=sparse)
     values = torch.relu(picked)
-    recon = sparse_decode(values, rows, cols, d.W_dec, d.b_dec, len(x)) + d.skip_term(x)
+    if sparse:
+        recon = sparse_decode(values, rows, cols, d.W_dec, d.b_dec, len(x))
+    else:  # the dense product (faster than embedding_bag on a GPU's tensor cores)
+        recon = d.decode(torch.zeros(len(x), d.d_sae, dtype=values.dtype, device=x.device).index_put((rows, cols), values))
+    recon = recon + d.skip_term(x)
     mse = (recon - target).pow(2).mean()
     aux = auxk_loss(d, dead_pre, dead, target, recon)
     active = values > 0
