@@ -70,6 +70,9 @@ class Dictionary(torch.nn.Module):
     dead_features = "resample"
     #: parameters that scale with the feature activations (divided when an input scale is folded in)
     feature_scaled = ("b_enc",)
+    #: the trainer starts b_dec at the first batch's mean target (always, for a dictionary predicting
+    #: another site), rather than at zero
+    b_dec_from_mean = False
 
     def __init__(self, cfg):
         super().__init__()

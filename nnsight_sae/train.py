@@ -124,8 +124,8 @@ class Trainer:
             # one row per vector (head_out: one per head)
             x = batch[m.site].to(d.W_enc.device, d.W_enc.dtype).reshape(-1, d.d_in) * m.scale_in
             target = batch[m.target_site].to(d.W_enc.device, d.W_enc.dtype).reshape(-1, d.d_out) * m.scale_out
-            if step == 0 and m.target_site != m.site:
-                with torch.no_grad():  # a transcoder's output bias starts at the target's mean
+            if step == 0 and (d.b_dec_from_mean or m.target_site != m.site):
+                with torch.no_grad():  # a transcoder's output bias, or a type's that asks, starts at the mean
                     mean = target.mean(0)
                     distributed.mean_([mean])
                     d.b_dec.copy_(mean)

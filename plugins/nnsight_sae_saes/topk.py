@@ -148,6 +148,9 @@ class TopKSAE(Dictionary):
     help = "TopK SAE (Gao et al. 2024): the k largest pre-activations per row"
     config_class = TopKConfig
     dead_features = "auxk"
+    # as sparsify 1.3.3's Trainer.fit does (Gao et al. start it at the geometric median): the residual
+    # stream's large mean would take a bias learning at lr 4e-4 a step thousands of steps to reach
+    b_dec_from_mean = True
 
     def encode(self, x):
         return topk_relu(self.pre_acts(x), self.cfg.k)
@@ -197,6 +200,7 @@ class BatchTopKSAE(Dictionary):
     help = "BatchTopK SAE (Bussmann et al. 2024): k x batch activations per batch; a threshold at inference"
     config_class = BatchTopKConfig
     dead_features = "auxk"
+    b_dec_from_mean = True
     feature_scaled = ("b_enc", "threshold")
 
     def __init__(self, cfg):
