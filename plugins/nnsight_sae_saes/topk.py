@@ -106,6 +106,21 @@ def auxk_loss(d, dead_pre, dead, target, recon):
     return (error_hat - error).pow(2).sum(-1).mean() / scale
 
 
+# The encoder starts at half the decoder's transpose. Measured on SmolLM2's resid_post.6 (TopK 4608, k 32,
+# 2000 steps of 256, `nnsight-sae bench train`'s data): held-out FVU 0.0845 (3 seeds: 0.5 and 0.3 alike)
+# against 0.0886 with the full transpose; sparsify 1.3.3 reaches 0.0855 from its own smaller init.
+ENCODER_INIT = 0.5
+
+
+class _TopKInit(Dictionary):
+    """The top-k types' start: the encoder at ENCODER_INIT times the base's."""
+
+    @torch.no_grad()
+    def reset_parameters(self, seed=None):
+        super().reset_parameters(seed)
+        self.W_enc.mul_(ENCODER_INIT)
+
+
 def _topk_loss(d, x, target, choose, dead, sparse):
     """The training loss of the top-k types: MSE of the sparse decode plus the auxiliary loss."""
     dead = torch.nonzero(dead).flatten() if dead is not None else torch.zeros(0, dtype=torch.long, device=x.device)
@@ -139,7 +154,7 @@ class TopKConfig(_TopKOptions):
     k_warmup = Option(bool, False, "start at 4k active features and anneal to k over the sparsity warm-up")
 
 
-class TopKSAE(Dictionary):
+class TopKSAE(_TopKInit):
     """f = ReLU(TopK_k(W_enc (x - b_dec) + b_enc)). Dead features are revived by
     the auxiliary-k loss; with ``k_warmup`` true, training starts at 4k active
     features and anneals to k over the trainer's sparsity warm-up."""
@@ -190,7 +205,7 @@ class BatchTopKConfig(_TopKOptions):
     threshold_momentum = Option(float, 0.99, "momentum of the inference threshold's running mean", min=0.0)
 
 
-class BatchTopKSAE(Dictionary):
+class BatchTopKSAE(_TopKInit):
     """Training keeps the k * batch largest activations over the whole batch;
     inference uses a threshold learned during training (one value, stored per
     feature as in a JumpReLU file), so a row's features do not depend on the
