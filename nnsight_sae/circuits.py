@@ -17,7 +17,7 @@ import torch
 
 from .atomic import write_json
 from .errors import NnsightSaeError, OptionError
-from .heads import keep_only_metric, mean_ablation_effects, negative_means
+from .heads import ablation_effects, check_ablation, keep_only_metric, replacements
 from .models import model_id
 from .options import NoOptions
 from .plots import pyplot, save_figure
@@ -29,10 +29,12 @@ class CircuitMethod:
     """A way to score every attention head for a task (``nnsight-sae circuit --method NAME``).
 
     Subclasses set ``name`` and ``help``, declare their settings in ``Options`` and
-    implement ``score_heads(model, task, prompts, *, train_index, seed, options, seconds)``:
+    implement ``score_heads(model, task, prompts, *, train_index, seed, options, seconds, ablation)``:
     an (n_layers, n_heads) tensor, higher = more likely in the circuit; the method may fit
     on the prompts in ``train_index`` and record "harvest", "fit" and "score" times in
-    ``seconds``. ``signed = True``: the scores are estimates of each head's effect on the
+    ``seconds``. ``ablation`` (one of ``heads.ABLATIONS``) is how the run's reference and
+    faithfulness check ablate a head; a method that estimates ablation effects estimates that
+    one. ``signed = True``: the scores are estimates of each head's effect on the
     task metric (heads then rank by their absolute value). ``default = True`` makes it the
     method ``circuit`` runs when none is named."""
 
@@ -78,23 +80,25 @@ def _ranked(scores: torch.Tensor, key: str, order) -> list[dict]:
 
 
 def run_reference(model, task_name: str, out: str | Path, *, n_prompts: int = 40, top: int = 20, seed: int = 0,
-                  split: str = "train", progress: bool = True) -> dict:
-    """Exhaustive single-head mean ablation; writes reference.json. The circuit is the
-    ``top`` heads by |effect|."""
+                  split: str = "train", ablation: str = "mean", progress: bool = True) -> dict:
+    """Exhaustive single-head ablation (``ablation``: one of ``heads.ABLATIONS``); writes
+    reference.json. The circuit is the ``top`` heads by |effect|."""
+    check_ablation(ablation)
     task, prompts = _task_prompts(model, task_name, n_prompts, seed, split)
     t = time.perf_counter()
-    effects = mean_ablation_effects(model, task, prompts, progress=progress)
+    effects = ablation_effects(model, task, prompts, ablation=ablation, progress=progress)
     seconds = time.perf_counter() - t
-    return write_reference(out, task=task_name, model=model_id(model), method="mean-ablation", seconds=seconds,
-                           n_prompts=len(prompts), split=split, seed=seed, effects=effects, top=top)
+    return write_reference(out, task=task_name, model=model_id(model), method=f"{ablation}-ablation",
+                           seconds=seconds, n_prompts=len(prompts), split=split, seed=seed, effects=effects, top=top,
+                           ablation=ablation)
 
 
-def write_reference(out, *, task, model, method, seconds, n_prompts, split, seed, effects, top) -> dict:
+def write_reference(out, *, task, model, method, seconds, n_prompts, split, seed, effects, top, ablation) -> dict:
     """reference.json: every head's signed effect sorted by |effect|, and the top ``top`` as the circuit."""
     heads = _ranked(effects, "effect", lambda e: -abs(e))
     circuit = heads[:top]
-    result = {"task": task, "model": model, "method": method, "seconds": round(seconds, 2), "n_prompts": n_prompts,
-              "split": split, "seed": seed, "heads": heads, "circuit": [[c["layer"], c["head"]] for c in circuit],
+    result = {"task": task, "model": model, "method": method, "ablation": ablation, "seconds": round(seconds, 2),
+              "n_prompts": n_prompts, "split": split, "seed": seed, "heads": heads, "circuit": [[c["layer"], c["head"]] for c in circuit],
               "threshold": abs(circuit[-1]["effect"])}
     write_json(Path(out) / "reference.json", result)
     return result
@@ -108,6 +112,14 @@ def read_reference(folder: str | Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise NnsightSaeError(f"cannot read {folder}/reference.json: {e}") from None
     return ref
+
+
+def reference_effects(ref: dict, shape) -> torch.Tensor:
+    """The reference's signed effect of every head, as an (n_layers, n_heads) tensor."""
+    effects = torch.zeros(shape)
+    for h in ref["heads"]:
+        effects[h["layer"], h["head"]] = h["effect"]
+    return effects
 
 
 def reference_sets(ref: dict, shape, sizes=(10, 30)) -> dict[int, torch.Tensor]:
@@ -126,15 +138,16 @@ def reference_sets(ref: dict, shape, sizes=(10, 30)) -> dict[int, torch.Tensor]:
 
 def run_circuit(model, task_name: str, out: str | Path, *, method: str | None = None, options: dict | None = None,
                 n_prompts: int = 40, n_train: int = 10, seed: int = 0, split: str = "train",
-                reference: str | Path | None = None, faithfulness_k: int | None = None, n_random: int = 5,
-                curve: list[int] | None = None, progress: bool = True) -> dict:
+                reference: str | Path | None = None, ablation: str | None = None, faithfulness_k: int | None = None,
+                n_random: int = 5, curve: list[int] | None = None, progress: bool = True) -> dict:
     """Score every head with a circuit method (the default one unless ``method`` names
     another; ``options`` its settings); writes circuit.json and a heat map
     (and a ROC curve when a reference folder is given); a signed method (attribution)
     also writes its estimates as reference.json, so other methods can be scored against it.
 
     The method sees ``n_prompts`` prompts of ``split`` (and may fit on the first
-    ``n_train``). Metrics compare its scores with the reference's circuit (ROC AUC,
+    ``n_train``). ``ablation`` (default: the reference's, else "mean") is how heads are
+    ablated in the faithfulness check and what an estimating method estimates. Metrics compare its scores with the reference's circuit (ROC AUC,
     precision and recall at k = its size; AUC against its top 10 and top 30 too).
     Faithfulness: the task metric with only the top k heads left (every other head
     mean-ablated), as a fraction of clean minus all-ablated, against random k-head sets;
@@ -147,6 +160,7 @@ def run_circuit(model, task_name: str, out: str | Path, *, method: str | None = 
     if curve and min(curve) <= 0:
         raise NnsightSaeError(f"--curve takes positive head counts, not {min(curve)}")
     ref = read_reference(reference) if reference else None
+    ablation = check_ablation(ablation or (ref or {}).get("ablation", "mean"))
     # model ids compare by folder name: references written before ids dropped the folder's path still match
     if ref is not None and (Path(str(ref.get("model"))).name, ref.get("task")) != (model_id(model), task_name):
         raise NnsightSaeError(f"{reference}/reference.json is for task {ref.get('task')!r} on {ref.get('model')!r}, "
@@ -158,7 +172,7 @@ def run_circuit(model, task_name: str, out: str | Path, *, method: str | None = 
         raise NnsightSaeError(f"only {len(prompts)} usable prompts ({prompts.skipped} skipped); need {n_train}")
     seconds = {}
     scores = scorer.score_heads(model, task, prompts, train_index=list(range(n_train)), seed=seed,
-                                options=settings, seconds=seconds)
+                                options=settings, seconds=seconds, ablation=ablation)
     seconds["total"] = round(time.perf_counter() - t0, 2)
     for key in ("harvest", "fit", "score"):
         seconds.setdefault(key, 0.0)
@@ -169,8 +183,8 @@ def run_circuit(model, task_name: str, out: str | Path, *, method: str | None = 
         for h in heads:
             h["effect"] = float(effects[h["layer"], h["head"]])
     result = {"task": task_name, "model": model_id(model), "method": scorer.name, "options": settings.as_dict(),
-              "n_train_prompts": n_train, "n_prompts": len(prompts), "split": split, "seed": seed, "seconds": seconds,
-              "heads": heads, "reference": str(reference) if reference else None}
+              "ablation": ablation, "n_train_prompts": n_train, "n_prompts": len(prompts), "split": split,
+              "seed": seed, "seconds": seconds, "heads": heads, "reference": str(reference) if reference else None}
     truth = None
     if ref is not None:
         sets = reference_sets(ref, scores.shape)
@@ -184,9 +198,10 @@ def run_circuit(model, task_name: str, out: str | Path, *, method: str | None = 
     k = faithfulness_k or (int(truth.sum()) if truth is not None else 20)
     if effects is not None:  # a signed method's estimates can serve as a reference for other methods
         write_reference(out, task=task_name, model=result["model"], method=scorer.name, seconds=seconds["total"],
-                        n_prompts=len(prompts), split=split, seed=seed, effects=effects, top=k)
+                        n_prompts=len(prompts), split=split, seed=seed, effects=effects, top=k, ablation=ablation)
     result["faithfulness"] = faithfulness(model, task, prompts, scores, k, effects=effects, n_random=n_random,
-                                          seed=seed, curve=curve)
+                                          seed=seed, curve=curve, ablation=ablation,
+                                          reference=reference_effects(ref, scores.shape) if ref else None)
     if curve:
         plot_faithfulness(result["faithfulness"]["curve"], Path(out) / "faithfulness.png",
                           title=f"{task_name}: {scorer.name}, heads kept alone")
@@ -198,17 +213,20 @@ def run_circuit(model, task_name: str, out: str | Path, *, method: str | None = 
 
 
 def faithfulness(model, task, prompts, scores: torch.Tensor, k: int, *, effects: torch.Tensor | None = None,
-                 n_random: int = 5, seed: int = 0, curve: list[int] | None = None) -> dict:
+                 n_random: int = 5, seed: int = 0, curve: list[int] | None = None, ablation: str = "mean",
+                 reference: torch.Tensor | None = None) -> dict:
     """The task metric on the positive prompts with only the k top-scoring heads left
-    (all others replaced by their negative means), and with random k-head sets;
+    (all others ablated, by default replaced by their negative means), and with random k-head sets;
     each also as the fraction (m - m_ablated) / (m_clean - m_ablated). With signed
     effect estimates, also the k heads of largest positive effect ("top_k_positive"):
     the heads that do the task, without those that work against it. ``curve``: the
-    same fractions at each of these k (two random sets each), under "curve"."""
+    same fractions at each of these k (two random sets each), under "curve"; with the
+    reference's effects (``reference``), each curve row also has the reference's own top k
+    and top k positive kept alone ("reference_top_k", "reference_top_k_positive")."""
     t = time.perf_counter()
     L, H = scores.shape
-    means = negative_means(model, prompts)
-    run = lambda keep: float(keep_only_metric(model, task, prompts, keep, means).mean())  # noqa: E731
+    replaced = replacements(model, prompts, ablation)
+    run = lambda keep: float(keep_only_metric(model, task, prompts, keep, replaced).mean())  # noqa: E731
     clean = run(torch.ones(L, H, dtype=torch.bool))
     ablated = run(torch.zeros(L, H, dtype=torch.bool))
     fraction = lambda m: (m - ablated) / (clean - ablated) if clean != ablated else float("nan")  # noqa: E731
@@ -231,9 +249,15 @@ def faithfulness(model, task, prompts, scores: torch.Tensor, k: int, *, effects:
             row["top_k_positive"] = fraction(row["metric_top_k_positive"])
         return row
 
+    def with_reference(row: dict) -> dict:
+        if reference is not None:
+            row["reference_top_k"] = fraction(run(keep(reference.abs().flatten().topk(row["k"]).indices)))
+            row["reference_top_k_positive"] = fraction(run(keep(reference.flatten().topk(row["k"]).indices)))
+        return row
+
     result = {"metric_clean": clean, "metric_all_ablated": ablated, **at(k, n_random)}
     if curve:
-        result["curve"] = [at(c, 2) for c in sorted({min(c, L * H) for c in curve})]
+        result["curve"] = [with_reference(at(c, 2)) for c in sorted({min(c, L * H) for c in curve})]
     result["seconds"] = round(time.perf_counter() - t, 2)
     return result
 
@@ -246,6 +270,9 @@ def plot_faithfulness(curve: list[dict], path: Path, *, title=""):
     ax.plot(ks, [row["top_k"] for row in curve], "o-", label="top k by score")
     if "top_k_positive" in curve[0]:
         ax.plot(ks, [row["top_k_positive"] for row in curve], "s-", label="top k by positive effect")
+    if "reference_top_k_positive" in curve[0]:
+        ax.plot(ks, [row["reference_top_k_positive"] for row in curve], "s--", color="black",
+                label="reference's own top k by positive effect")
     ax.plot(ks, [row["random_k_mean"] for row in curve], "x:", color="grey", label="random k (mean of 2)")
     ax.axhline(1.0, color="k", linewidth=0.6)
     ax.axhline(0.0, color="k", linewidth=0.6)

@@ -249,7 +249,7 @@ def cmd_circuit(args) -> int:
     model = _load_model(args)
     result = run_circuit(model, args.task, args.out, method=method.name, options=options, n_prompts=args.n_prompts,
                          n_train=args.n_train, seed=args.seed, split=args.prompts, reference=args.reference,
-                         faithfulness_k=args.k, curve=args.curve)
+                         ablation=args.ablation, faithfulness_k=args.k, curve=args.curve)
     top = ", ".join(f"L{h['layer']}H{h['head']}" for h in result["heads"][:10])
     print(f"{args.task} / {method.name} on {result['n_prompts']} {args.prompts} prompts: top heads {top}")
     if "metrics" in result:
@@ -266,6 +266,8 @@ def cmd_circuit(args) -> int:
     for row in f.get("curve", []):
         print(f"  k {row['k']:>4}: top by score keep {row['top_k']:.0%}"
               + (f", top by positive effect {row['top_k_positive']:.0%}" if "top_k_positive" in row else "")
+              + (f", the reference's own top {row['reference_top_k']:.0%} (positive "
+                 f"{row['reference_top_k_positive']:.0%})" if "reference_top_k" in row else "")
               + f", random {row['random_k_mean']:.0%}")
     plots = ["heads.png"] + ["roc.png"] * ("metrics" in result) + ["faithfulness.png"] * bool(args.curve)
     print(f"{result['seconds']['total']:.1f}s; wrote {args.out}/circuit.json and "
@@ -282,8 +284,8 @@ def cmd_reference(args) -> int:
         raise NnsightSaeError(f"--top must be positive, not {args.top}")
     model = _load_model(args)
     result = run_reference(model, args.task, args.out, n_prompts=args.n_prompts, top=args.top, seed=args.seed,
-                           split=args.prompts)
-    print(f"{args.task}: reference circuit ({len(result['circuit'])} heads, |effect| >= {result['threshold']:.3f}) "
+                           split=args.prompts, ablation=args.ablation)
+    print(f"{args.task}: {args.ablation}-ablation reference circuit ({len(result['circuit'])} heads, |effect| >= {result['threshold']:.3f}) "
           f"in {result['seconds']:.0f}s; wrote {args.out}/reference.json")
     return 0
 
@@ -343,6 +345,14 @@ def _add_prompts(p):
     p.add_argument("--prompts", choices=["train", "heldout"], default="train",
                    help="the task's prompt set: heldout shares no names, templates, events or centuries with train")
     p.add_argument("--seed", type=int, default=0, help="seeds the prompts and any fitting")
+
+
+def _add_ablation(p, *, default, when):
+    from .heads import ABLATIONS
+
+    p.add_argument("--ablation", choices=list(ABLATIONS), default=default,
+                   help="what an ablated head's output is replaced by: "
+                        + "; ".join(f"{name}: {what}" for name, what in ABLATIONS.items()) + f" (default: {when})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -407,16 +417,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, help="heads kept for the faithfulness check (default: the reference's size, or 20)")
     p.add_argument("--curve", type=_csv(int), nargs="?", const=[5, 10, 20, 40, 80, 160],
                    help="faithfulness at several k (default 5,10,20,40,80,160): faithfulness.png")
+    _add_ablation(p, default=None, when="the reference's, else mean")
     _add_prompts(p)
     _add_model(p)
     add_merged_options(p.add_argument_group("method options (each applies to the methods that declare it)"),
                        _method_options())
     p.set_defaults(func=cmd_circuit)
 
-    p = sub.add_parser("reference", help="per-head mean-ablation reference circuit; reference.json")
+    p = sub.add_parser("reference", help="per-head ablation reference circuit; reference.json")
     p.add_argument("--task", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--top", type=int, default=20, help="heads in the reference circuit")
+    _add_ablation(p, default="mean", when="mean")
     p.add_argument("--n-prompts", type=int, default=40)
     _add_prompts(p)
     _add_model(p)

@@ -1,5 +1,6 @@
-"""Attention heads as circuit nodes, through sites only: their outputs, their negative means,
-and mean-ablating them one at a time (the patching reference) or all but a set (faithfulness).
+"""Attention heads as circuit nodes, through sites only: their outputs, what replaces them when
+ablated (``ABLATIONS``), and ablating them one at a time (the patching reference) or all but a
+set (faithfulness).
 Shared by the reference, the faithfulness check and the circuit methods."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import nnsight
 import torch
 from tqdm.auto import tqdm
 
+from .errors import NnsightSaeError
 from .models import trace_options
 from .sites import n_layers, resolve_site
 
@@ -64,14 +66,32 @@ def encode_pair(model, prompts):
     return pad(pos), pad(neg)
 
 
+ABLATIONS = {
+    "mean": "its mean over the negative prompts at the same position counted from the end",
+    "position-mean": "its mean over the negative prompts and all their positions",
+    "resample": "its output on the prompt's own negative (counterfactual) prompt, position by position",
+    "zero": "zero",
+}
+"""What an ablated head's output is replaced by (``--ablation``); "mean" is the default."""
+
+
+def check_ablation(ablation: str) -> str:
+    if ablation not in ABLATIONS:
+        raise NnsightSaeError(f"unknown ablation {ablation!r}; one of {', '.join(ABLATIONS)}")
+    return ablation
+
+
 @torch.no_grad()
-def negative_means(model, prompts, neg=None, *, batch_size: int = 16) -> list[torch.Tensor]:
-    """Per layer, (width, n_heads * d_head): each head's output (the ``head_out`` site's
-    per-head input) averaged over the negative prompts at each position counted from
-    the end, real tokens only. ``neg`` is the negatives' encoding from ``encode_pair``."""
+def replacements(model, prompts, ablation: str = "mean", neg=None, *, batch_size: int = 16) -> list[torch.Tensor]:
+    """Per layer, (n_prompts, width, n_heads * d_head), or (1, width, n_heads * d_head) where
+    all prompts share it: what each head's output (the ``head_out`` site's per-head input)
+    becomes on each positive prompt when the head is ablated (see ``ABLATIONS``), from the
+    real tokens of the negatives. ``neg`` is the negatives' encoding from ``encode_pair``.
+    ``rows_of`` picks the rows of a batch."""
+    check_ablation(ablation)
     neg = encode_pair(model, prompts)[1] if neg is None else neg
     sites = [resolve_site(model, f"head_out.{layer}") for layer in range(n_layers(model))]
-    sums, count = None, 0
+    outputs = [[] for _ in sites]
     for start in range(0, len(prompts), batch_size):
         rows = slice(start, start + batch_size)
         mask = neg.attention_mask[rows][..., None].float()
@@ -80,70 +100,93 @@ def negative_means(model, prompts, neg=None, *, batch_size: int = 16) -> list[to
             zs = nnsight.save([])
             for site in sites:
                 zs.append(site.envoy.input)
-        batch = [(z.float().cpu() * mask).sum(0) for z in zs]
-        sums = batch if sums is None else [a + b for a, b in zip(sums, batch)]
-        count = count + mask.sum(0)
-    return [total / count.clamp_min(1) for total in sums]
+        for layer, z in enumerate(zs):
+            outputs[layer].append(z.float().cpu() * mask)
+    outputs = [torch.cat(z) for z in outputs]  # padding zeroed
+    if ablation == "resample":
+        return outputs
+    real = neg.attention_mask[..., None].float()  # (n, width, 1)
+    if ablation == "zero":
+        return [torch.zeros_like(z[:1]) for z in outputs]
+    if ablation == "position-mean":
+        return [(z.sum((0, 1)) / real.sum()).expand_as(z[:1]).clone() for z in outputs]
+    return [(z.sum(0, keepdim=True) / real.sum(0, keepdim=True).clamp_min(1)) for z in outputs]
 
 
-def _ablate(z: torch.Tensor, mean: torch.Tensor, heads: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+def rows_of(replacement: torch.Tensor, idx: list[int], copies: int = 1) -> torch.Tensor:
+    """The rows of one layer's ``replacements`` for the prompts ``idx``, repeated ``copies``
+    times (a shared replacement stays one row, broadcast where it is used)."""
+    return replacement if replacement.shape[0] == 1 else replacement[idx].repeat(copies, 1, 1)
+
+
+def _ablate(z: torch.Tensor, replacement: torch.Tensor, heads: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """z (rows, p, H*dh) with the heads marked in ``heads`` (rows, H) replaced by
-    ``mean`` (p, H*dh) at the real positions (``real``: rows x p)."""
+    ``replacement`` (rows or 1, p, H*dh) at the real positions (``real``: rows x p)."""
     rows, width, _ = z.shape
     H = heads.shape[1]
     where = (heads[:, None, :, None] & real[:, :, None, None]).to(z.device)
-    out = torch.where(where, mean.view(1, width, H, -1).to(z.device, z.dtype), z.reshape(rows, width, H, -1))
+    out = torch.where(where, replacement.reshape(len(replacement), width, H, -1).to(z.device, z.dtype),
+                      z.reshape(rows, width, H, -1))
     return out.reshape(z.shape)
 
 
 @torch.no_grad()
-def mean_ablation_effects(model, task, prompts, *, batch_size: int = 16, rows_per_pass: int = 96,
-                          progress: bool = True) -> torch.Tensor:
+def ablation_effects(model, task, prompts, *, ablation: str = "mean", heads: torch.Tensor | None = None,
+                     batch_size: int = 16, rows_per_pass: int = 96, progress: bool = True) -> torch.Tensor:
     """(n_layers, n_heads): drop in the task metric on positive prompts when one head's
-    output is replaced by its mean over the negative prompts (per position, right-aligned).
-    All heads of a layer run in batched passes: copy h of the prompts ablates head h
-    (about ``rows_per_pass`` sequences per pass)."""
+    output is ablated (by default replaced by its mean over the negative prompts per
+    position, right-aligned; ``ablation`` picks another of ``ABLATIONS``). ``heads``: a bool
+    (n_layers, n_heads) mask of the heads to measure (default all; the others get 0).
+    The heads of a layer run in batched passes, copy i of the prompts ablating the layer's
+    i-th head, about ``rows_per_pass`` sequences a pass, starting from the cached residual."""
     clean = task.metric(last_logits(model, prompts.positive, batch_size), prompts).mean()
     pos, neg = encode_pair(model, prompts)
-    means = negative_means(model, prompts, neg, batch_size=batch_size)
+    replaced = replacements(model, prompts, ablation, neg, batch_size=batch_size)
     L = n_layers(model)
     H = resolve_site(model, "head_out.0").n_heads
+    heads = torch.ones(L, H, dtype=torch.bool) if heads is None else heads
     effects = torch.zeros(L, H)
     layers = [resolve_site(model, f"resid_post.{layer}") for layer in range(L)]
     with model.trace(dict(pos), **trace_options(model, last_position=True)):
         resid = nnsight.save([])  # the clean residual after each layer: patched passes skip the layers before
         for site in layers:
             resid.append(site.read())
-    n, per_pass = len(prompts), max(1, rows_per_pass // H)
-    for layer in tqdm(range(L), desc="patch heads", disable=not progress, leave=False):
+    n = len(prompts)
+    for layer in tqdm([layer for layer in range(L) if heads[layer].any()], desc="patch heads", disable=not progress,
+                      leave=False):
         site = resolve_site(model, f"head_out.{layer}")
+        chosen = heads[layer].nonzero().flatten()
+        copies, per_pass = len(chosen), max(1, rows_per_pass // len(chosen))
         metrics = []
         for start in range(0, n, per_pass):
             idx = list(range(start, min(n, start + per_pass)))
-            ids = pos.input_ids[idx].repeat(H, 1)
-            mask = pos.attention_mask[idx].repeat(H, 1)
-            which = torch.eye(H, dtype=torch.bool).repeat_interleave(len(idx), dim=0)  # copy h ablates head h
+            ids = pos.input_ids[idx].repeat(copies, 1)
+            mask = pos.attention_mask[idx].repeat(copies, 1)
+            which = torch.eye(H, dtype=torch.bool)[chosen].repeat_interleave(len(idx), dim=0)
             with model.trace({"input_ids": ids, "attention_mask": mask}, **trace_options(model, last_position=True)):
                 if layer > 0:
-                    before = resid[layer - 1][idx].repeat(H, 1, 1)
+                    before = resid[layer - 1][idx].repeat(copies, 1, 1)
                     for skipped in layers[:layer]:  # only the last one's output is used downstream
                         skipped.envoy.skip(before)
-                site.envoy.input = _ablate(site.envoy.input, means[layer], which, mask.bool())
+                site.envoy.input = _ablate(site.envoy.input, rows_of(replaced[layer], idx, copies), which,
+                                           mask.bool())
                 logits = model.output.logits[:, -1].float().save()
             sub = prompts.subset(idx)
-            metrics.append(torch.stack([task.metric(logits[h * len(idx):(h + 1) * len(idx)].cpu(), sub)
-                                        for h in range(H)]))  # (H, len(idx))
-        effects[layer] = clean - torch.cat(metrics, dim=1).mean(1)
+            metrics.append(torch.stack([task.metric(logits[i * len(idx):(i + 1) * len(idx)].cpu(), sub)
+                                        for i in range(copies)]))  # (copies, len(idx))
+        effects[layer, chosen] = clean - torch.cat(metrics, dim=1).mean(1)
     return effects
 
 
 @torch.no_grad()
-def keep_only_metric(model, task, prompts, keep: torch.Tensor, means=None, *, batch_size: int = 16) -> torch.Tensor:
+def keep_only_metric(model, task, prompts, keep: torch.Tensor, replaced=None, *, ablation: str = "mean",
+                     batch_size: int = 16) -> torch.Tensor:
     """Per positive prompt, the task metric when every head outside ``keep`` (a bool
-    (n_layers, n_heads) mask) is replaced by its negative mean at once: the circuit
-    run alone. ``means`` from ``negative_means`` (computed when not given)."""
+    (n_layers, n_heads) mask) is ablated at once: the circuit run alone. ``replaced``
+    from ``replacements`` (computed for ``ablation`` when not given)."""
     pos, neg = encode_pair(model, prompts)
-    means = negative_means(model, prompts, neg, batch_size=batch_size) if means is None else means
+    if replaced is None:
+        replaced = replacements(model, prompts, ablation, neg, batch_size=batch_size)
     sites = [resolve_site(model, f"head_out.{layer}") for layer in range(n_layers(model))]
     out = []
     for start in range(0, len(prompts), batch_size):
@@ -153,7 +196,7 @@ def keep_only_metric(model, task, prompts, keep: torch.Tensor, means=None, *, ba
                          **trace_options(model, last_position=True)):
             for layer, site in enumerate(sites):
                 ablate = (~keep[layer])[None].expand(len(idx), -1)
-                site.envoy.input = _ablate(site.envoy.input, means[layer], ablate, real)
+                site.envoy.input = _ablate(site.envoy.input, rows_of(replaced[layer], idx), ablate, real)
             logits = model.output.logits[:, -1].float().save()
         out.append(task.metric(logits.cpu(), prompts.subset(idx)))
     return torch.cat(out)

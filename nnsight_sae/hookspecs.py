@@ -47,7 +47,8 @@ def nnsight_sae_circuit_methods():
 
     Each has a ``name`` (the ``nnsight-sae circuit --method`` value), a one-line ``help``,
     an ``Options`` class and one job: ``score_heads(model, task, prompts, *, train_index,
-    seed, options, seconds)`` returns an (n_layers, n_heads) tensor of scores.
+    seed, options, seconds, ablation)`` returns an (n_layers, n_heads) tensor of scores
+    (``ablation``: how the run ablates heads, for methods that estimate its effects).
     """
 
 

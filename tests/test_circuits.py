@@ -32,40 +32,44 @@ def test_file_task_checks_prompts(tiny_models, task_file, tmp_path):
         get_task(str(tmp_path / "none.jsonl"))
 
 
-def test_reference_effect_equals_patching_one_head_by_hand(tiny_models, task_file):
-    from nnsight_sae.heads import last_logits, mean_ablation_effects
+@pytest.mark.parametrize("ablation", ["mean", "position-mean", "resample", "zero"])
+def test_reference_effect_equals_patching_one_head_by_hand(tiny_models, task_file, ablation):
+    from nnsight_sae.heads import ablation_effects, last_logits
 
     model = tiny_models("llama")
     task = get_task(task_file)
     prompts = task.prompts(model.tokenizer, 12)
-    effects = mean_ablation_effects(model, task, prompts, progress=False)
+    effects = ablation_effects(model, task, prompts, ablation=ablation, progress=False)
     assert effects.shape == (3, 4)
-    # head 2 of layer 1, by hand: its slice of o_proj's input set to the negatives' mean
+    # head 2 of layer 1, by hand: its slice of o_proj's input replaced as the ablation says
     site = resolve_site(model, "head_out.1")
     enc_neg = model.tokenizer(prompts.negative, return_tensors="pt", padding=True)
     with model.trace(dict(enc_neg)):
-        z_neg = site.envoy.input.save()
-    mean = z_neg.mean(0)  # all prompts have the same length here: no padding
+        z_neg = site.envoy.input.save()  # all prompts have the same length here: no padding
+    replacement = {"mean": z_neg.mean(0), "position-mean": z_neg.mean((0, 1)), "resample": z_neg,
+                   "zero": torch.zeros(z_neg.shape[-1])}[ablation]
     enc = model.tokenizer(prompts.positive, return_tensors="pt", padding=True)
     with model.trace(dict(enc)):
         z = site.envoy.input.clone()
-        z[:, :, 16:24] = mean[:, 16:24]
+        z[..., 16:24] = replacement[..., 16:24]
         site.envoy.input = z
         logits = model.output.logits[:, -1].save()
     clean = task.metric(last_logits(model, prompts.positive), prompts).mean()
     by_hand = clean - task.metric(logits.cpu(), prompts).mean()
     torch.testing.assert_close(effects[1, 2], by_hand, rtol=1e-4, atol=1e-5)
+    assert by_hand.abs() > 1e-4  # the head matters: the comparison is not 0 == 0
 
 
-def test_attribution_tracks_the_reference_on_a_tiny_model(tiny_models, task_file):
-    from nnsight_sae.heads import mean_ablation_effects
+@pytest.mark.parametrize("ablation", ["mean", "position-mean", "resample", "zero"])
+def test_attribution_tracks_the_reference_on_a_tiny_model(tiny_models, task_file, ablation):
+    from nnsight_sae.heads import ablation_effects
     from nnsight_sae_circuits.attribution import attribution_effects
 
     model = tiny_models("gpt2")
     task = get_task(task_file)
     prompts = task.prompts(model.tokenizer, 16)
-    exact = mean_ablation_effects(model, task, prompts, progress=False).flatten()
-    approx = attribution_effects(model, task, prompts).flatten()
+    exact = ablation_effects(model, task, prompts, ablation=ablation, progress=False).flatten()
+    approx = attribution_effects(model, task, prompts, ablation=ablation).flatten()
     corr = torch.corrcoef(torch.stack([exact, approx]))[0, 1]
     assert corr > 0.9, corr
 
@@ -97,10 +101,55 @@ def test_circuit_and_reference_json_contracts(tiny_models, task_file, tmp_path):
     scored = run_circuit(model, task_file, tmp_path / "vs-attribution", method="mean-diff", n_prompts=20,
                          reference=tmp_path / "attribution", n_random=1, progress=False)
     assert scored["metrics"]["k"] == 4
+    assert ref["ablation"] == c["ablation"] == as_reference["ablation"] == "mean"
     with pytest.raises(NnsightSaeError, match="reference.json is for task .* not 'ioi'"):
         run_circuit(model, "ioi", tmp_path / "other", reference=tmp_path / "ref", progress=False)
     with pytest.raises(NnsightSaeError, match="reference.json is for task .* not '.*' on 'gemma2"):
         run_circuit(tiny_models("gemma2"), task_file, tmp_path / "other", reference=tmp_path / "ref", progress=False)
+
+
+def test_attribution_verifies_its_top_candidates_by_patching(tiny_models, task_file, tmp_path):
+    from nnsight_sae.heads import ablation_effects
+    from nnsight_sae_circuits.attribution import attribution_effects
+
+    model = tiny_models("gpt2")
+    task = get_task(task_file)
+    prompts = task.prompts(model.tokenizer, 16)
+    estimate = attribution_effects(model, task, prompts)
+    exact = ablation_effects(model, task, prompts, progress=False)
+    top4 = estimate.abs().flatten().topk(4).indices
+    assert (exact.flatten()[top4] != estimate.flatten()[top4]).all()  # the estimate is not exact here
+    c = run_circuit(model, task_file, tmp_path, n_prompts=16, options={"verify": 4}, n_random=1, progress=False)
+    effect = torch.zeros(exact.shape)
+    for h in c["heads"]:
+        effect[h["layer"], h["head"]] = h["effect"]
+    verified = torch.zeros(exact.numel(), dtype=torch.bool)
+    verified[top4] = True
+    torch.testing.assert_close(effect.flatten()[verified], exact.flatten()[verified], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(effect.flatten()[~verified], estimate.flatten()[~verified])
+    assert c["options"] == {"verify": 4} and c["seconds"]["verify"] > 0
+    # a subset of heads measured alone gets the same effects as in the full sweep
+    some = torch.zeros_like(verified).view(exact.shape)
+    some[1, 2] = some[2, 0] = True
+    torch.testing.assert_close(ablation_effects(model, task, prompts, heads=some, progress=False),
+                               torch.where(some, exact, torch.zeros_like(exact)), rtol=1e-4, atol=1e-5)
+
+
+def test_circuit_ablates_as_its_reference_does(tiny_models, task_file, tmp_path):
+    model = tiny_models("llama")
+    ref = run_reference(model, task_file, tmp_path / "ref", n_prompts=12, top=4, ablation="zero", progress=False)
+    assert ref["ablation"] == "zero" and ref["method"] == "zero-ablation"
+    c = run_circuit(model, task_file, tmp_path / "c", n_prompts=12, reference=tmp_path / "ref", n_random=1,
+                    progress=False)
+    assert c["ablation"] == "zero"
+    # attribution's estimate of zero ablation is not its estimate of mean ablation
+    other = run_circuit(model, task_file, tmp_path / "m", n_prompts=12, reference=tmp_path / "ref", ablation="mean",
+                        n_random=1, progress=False)
+    assert other["ablation"] == "mean" and other["heads"] != c["heads"]
+    assert c["faithfulness"]["metric_all_ablated"] != other["faithfulness"]["metric_all_ablated"]
+    with pytest.raises(NnsightSaeError, match="unknown ablation 'half'; one of mean, position-mean"):
+        run_reference(model, task_file, tmp_path / "bad", ablation="half", progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_faithfulness_curve(tiny_models, task_file, tmp_path):
@@ -110,6 +159,15 @@ def test_faithfulness_curve(tiny_models, task_file, tmp_path):
     assert [row["k"] for row in curve] == [1, 4, 12]  # capped at the 12 heads there are
     assert curve[-1]["top_k"] == pytest.approx(1.0) and curve[-1]["random_k"] == [pytest.approx(1.0)] * 2
     assert (tmp_path / "faithfulness.png").stat().st_size > 1000
+    assert "reference_top_k" not in curve[0]
+    run_reference(model, task_file, tmp_path / "ref", n_prompts=12, top=4, progress=False)
+    c = run_circuit(model, task_file, tmp_path / "c", n_prompts=12, curve=[4, 12], reference=tmp_path / "ref",
+                    options={"verify": 12}, n_random=1, progress=False)
+    # every head verified: the method's ranking is the reference's, so are the heads kept alone
+    for row in c["faithfulness"]["curve"]:
+        assert row["reference_top_k"] == pytest.approx(row["top_k"], abs=1e-5)
+        assert row["reference_top_k_positive"] == pytest.approx(row["top_k_positive"], abs=1e-5)
+    assert c["faithfulness"]["curve"][-1]["reference_top_k"] == pytest.approx(1.0)
     with pytest.raises(NnsightSaeError, match="--curve takes positive head counts"):
         run_circuit(model, task_file, tmp_path, n_prompts=12, curve=[0, 4], progress=False)
 
@@ -135,6 +193,8 @@ def test_circuit_cli_bad_input(tmp_path):
     assert r.returncode == 2 and "cannot read" in r.stderr and "reference.json" in r.stderr
     r = run("reference", "--task", "ioi", "--top", "0", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "--top must be positive" in r.stderr
+    r = run("reference", "--task", "ioi", "--ablation", "half", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "invalid choice: 'half'" in r.stderr and not (tmp_path / "o").exists()
     r = run("circuit", "--task", "ioi", "--prompts", "other", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "invalid choice: 'other'" in r.stderr and not (tmp_path / "o").exists()
 
@@ -159,20 +219,22 @@ def test_code_counts_by_hand():
     assert code_edge_scores(codes_pos, codes_neg, n_features=3).tolist() == [[2.0], [2.0]]
 
 
-def test_keep_only_matches_clean_and_single_head_ablation(tiny_models, task_file):
-    from nnsight_sae.heads import keep_only_metric, last_logits, mean_ablation_effects
+@pytest.mark.parametrize("ablation", ["mean", "resample"])
+def test_keep_only_matches_clean_and_single_head_ablation(tiny_models, task_file, ablation):
+    from nnsight_sae.heads import ablation_effects, keep_only_metric, last_logits
 
     model = tiny_models("llama")
     task = get_task(task_file)
     prompts = task.prompts(model.tokenizer, 12)
     clean = task.metric(last_logits(model, prompts.positive), prompts)
     everything = torch.ones(3, 4, dtype=torch.bool)
-    torch.testing.assert_close(keep_only_metric(model, task, prompts, everything), clean, rtol=1e-5, atol=1e-5)
-    effects = mean_ablation_effects(model, task, prompts, progress=False)
+    torch.testing.assert_close(keep_only_metric(model, task, prompts, everything, ablation=ablation), clean,
+                               rtol=1e-5, atol=1e-5)
+    effects = ablation_effects(model, task, prompts, ablation=ablation, progress=False)
     for layer, head in [(0, 1), (2, 3)]:
         keep = everything.clone()
         keep[layer, head] = False
-        drop = clean.mean() - keep_only_metric(model, task, prompts, keep).mean()
+        drop = clean.mean() - keep_only_metric(model, task, prompts, keep, ablation=ablation).mean()
         torch.testing.assert_close(drop, effects[layer, head], rtol=1e-4, atol=1e-5)
 
 

@@ -104,7 +104,7 @@ class CodeOverlap(CircuitMethod):
     help = "discrete-code circuit identification (O'Neill & Bui 2024), as published"
     Options = CodeOverlapOptions
 
-    def score_heads(self, model, task, prompts, *, train_index, seed, options, seconds):
+    def score_heads(self, model, task, prompts, *, train_index, seed, options, seconds, ablation):
         pos, neg = harvest_heads(model, prompts, options.reduce, seconds)
         t = time.perf_counter()
         pos_codes, neg_codes = head_codes(pos, neg, train_index, n_features=options.n_features, l1=options.l1,

@@ -26,6 +26,6 @@ class MeanDiff(CircuitMethod):
     help = "trivial baseline: |mean output on positives - on negatives| per head"
     Options = MeanDiffOptions
 
-    def score_heads(self, model, task, prompts, *, train_index, seed, options, seconds):
+    def score_heads(self, model, task, prompts, *, train_index, seed, options, seconds, ablation):
         pos, neg = harvest_heads(model, prompts, options.reduce, seconds)
         return mean_difference_scores(pos, neg)
