@@ -98,8 +98,8 @@ def write_reference(out, *, task, model, method, seconds, n_prompts, split, seed
     heads = _ranked(effects, "effect", lambda e: -abs(e))
     circuit = heads[:top]
     result = {"task": task, "model": model, "method": method, "ablation": ablation, "seconds": round(seconds, 2),
-              "n_prompts": n_prompts, "split": split, "seed": seed, "heads": heads, "circuit": [[c["layer"], c["head"]] for c in circuit],
-              "threshold": abs(circuit[-1]["effect"])}
+              "n_prompts": n_prompts, "split": split, "seed": seed, "heads": heads,
+              "circuit": [[c["layer"], c["head"]] for c in circuit], "threshold": abs(circuit[-1]["effect"])}
     write_json(Path(out) / "reference.json", result)
     return result
 
@@ -147,11 +147,12 @@ def run_circuit(model, task_name: str, out: str | Path, *, method: str | None = 
 
     The method sees ``n_prompts`` prompts of ``split`` (and may fit on the first
     ``n_train``). ``ablation`` (default: the reference's, else "mean") is how heads are
-    ablated in the faithfulness check and what an estimating method estimates. Metrics compare its scores with the reference's circuit (ROC AUC,
-    precision and recall at k = its size; AUC against its top 10 and top 30 too).
-    Faithfulness: the task metric with only the top k heads left (every other head
-    mean-ablated), as a fraction of clean minus all-ablated, against random k-head sets;
-    with ``curve`` (a list of k), also at each of those k, plotted in faithfulness.png."""
+    ablated in the faithfulness check and what an estimating method estimates. Metrics
+    compare its scores with the reference's circuit (ROC AUC, precision and recall at
+    k = its size; AUC against its top 10 and top 30 too). Faithfulness: the task metric
+    with only the top k heads left (every other head ablated), as a fraction of clean
+    minus all-ablated, against random k-head sets; with ``curve`` (a list of k), also at
+    each of those k, plotted in faithfulness.png."""
     scorer = circuit_method(method)
     task = get_task(task_name)
     settings = method_options(scorer, task, options)
@@ -278,7 +279,7 @@ def plot_faithfulness(curve: list[dict], path: Path, *, title=""):
     ax.axhline(0.0, color="k", linewidth=0.6)
     ax.set_xscale("log")
     ax.set_xticks(ks, [str(k) for k in ks])
-    ax.set_xlabel("heads kept (the rest mean-ablated)")
+    ax.set_xlabel("heads kept (the rest ablated)")
     ax.set_ylabel("fraction of the task metric kept")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)

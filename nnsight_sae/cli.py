@@ -285,8 +285,8 @@ def cmd_reference(args) -> int:
     model = _load_model(args)
     result = run_reference(model, args.task, args.out, n_prompts=args.n_prompts, top=args.top, seed=args.seed,
                            split=args.prompts, ablation=args.ablation)
-    print(f"{args.task}: {args.ablation}-ablation reference circuit ({len(result['circuit'])} heads, |effect| >= {result['threshold']:.3f}) "
-          f"in {result['seconds']:.0f}s; wrote {args.out}/reference.json")
+    print(f"{args.task}: {args.ablation}-ablation reference circuit ({len(result['circuit'])} heads, "
+          f"|effect| >= {result['threshold']:.3f}) in {result['seconds']:.0f}s; wrote {args.out}/reference.json")
     return 0
 
 
