@@ -91,6 +91,8 @@ def replacements(model, prompts, ablation: str = "mean", neg=None, *, batch_size
     check_ablation(ablation)
     neg = encode_pair(model, prompts)[1] if neg is None else neg
     sites = [resolve_site(model, f"head_out.{layer}") for layer in range(n_layers(model))]
+    if ablation == "zero":  # no run needed, only the shapes
+        return [torch.zeros(1, neg.input_ids.shape[1], site.heads_width) for site in sites]
     outputs = [[] for _ in sites]
     for start in range(0, len(prompts), batch_size):
         rows = slice(start, start + batch_size)
@@ -106,8 +108,6 @@ def replacements(model, prompts, ablation: str = "mean", neg=None, *, batch_size
     if ablation == "resample":
         return outputs
     real = neg.attention_mask[..., None].float()  # (n, width, 1)
-    if ablation == "zero":
-        return [torch.zeros_like(z[:1]) for z in outputs]
     if ablation == "position-mean":
         return [(z.sum((0, 1)) / real.sum()).expand_as(z[:1]).clone() for z in outputs]
     return [(z.sum(0, keepdim=True) / real.sum(0, keepdim=True).clamp_min(1)) for z in outputs]

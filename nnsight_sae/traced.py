@@ -35,6 +35,12 @@ class Site:
         return self.n_heads is not None
 
     @property
+    def heads_width(self) -> int:
+        """A ``head_out`` site's per-head input width, n_heads * d_head (the projection's input)."""
+        shape = self.envoy._module.weight.shape
+        return shape[1] if self.weight_layout == "linear" else shape[0]
+
+    @property
     def device(self):
         """The device of the module the site belongs to."""
         return self.envoy.device

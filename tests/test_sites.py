@@ -62,8 +62,10 @@ def test_writing_back_what_was_read_changes_nothing(tiny, kind):
 def test_head_out_sums_to_attn_out(tiny):
     heads_site, attn_site = resolve_site(tiny, "head_out.1"), resolve_site(tiny, "attn_out.1")
     with tiny.trace(PROMPTS):
+        z = heads_site.envoy.input.save()
         heads = heads_site.read().save()
         attn = attn_site.read().save()
+    assert z.shape[-1] == heads_site.heads_width  # what a zero ablation replaces the heads' input with
     bias = heads_site.envoy._module.bias
     total = heads.sum(dim=2) + (0 if bias is None else bias)
     torch.testing.assert_close(total, attn, rtol=1e-5, atol=1e-6)
