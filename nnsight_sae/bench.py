@@ -50,9 +50,9 @@ def _device(model) -> torch.device:
 
 
 def _tokens(model, batch: int, ctx: int) -> torch.Tensor:
-    from .corpus import contexts, stdlib_corpus
+    from .corpus import contexts, embedded_corpus
 
-    return contexts(stdlib_corpus("test"), model.tokenizer, ctx, batch * ctx)[:batch]
+    return contexts(embedded_corpus("code", "test"), model.tokenizer, ctx, batch * ctx)[:batch]
 
 
 def bench_harvest(model, out: Path, *, layers=(3, 15), batch=8, ctx=128, rounds=10) -> list[dict]:

@@ -151,8 +151,12 @@ def _only_for(args, owners: dict[str, type[Options]], chosen: list[str], what: s
 
 
 def _add_data(p, tokens_default):
+    from .corpus import DEFAULT_CORPUS, EMBEDDED
+
     g = p.add_argument_group("data")
     g.add_argument("--tokens", type=int, default=tokens_default, help="corpus tokens to use")
+    g.add_argument("--corpus", choices=EMBEDDED,
+                   help=f"an embedded corpus (default when no --dataset/--data: {DEFAULT_CORPUS})")
     g.add_argument("--dataset", help="Hugging Face dataset name, streamed (needs the network)")
     g.add_argument("--split", default="train")
     g.add_argument("--text-column", default="text")
@@ -165,7 +169,7 @@ def _add_data(p, tokens_default):
 def _data_spec(args, **kw):
     from .pipeline import DataSpec
 
-    return DataSpec(dataset=args.dataset, data=args.data, split=args.split, text_column=args.text_column,
+    return DataSpec(corpus=args.corpus, dataset=args.dataset, data=args.data, split=args.split, text_column=args.text_column,
                     ctx_len=args.ctx_len, drop_bos=not args.keep_bos, **kw)
 
 
@@ -199,14 +203,14 @@ def cmd_train(args) -> int:
             cls.config_class(d_in=1, d_sae=1 << 30, site=site, **type_options(cls, hyper))
     if args.tokens <= 0 or args.epochs <= 0 or args.batch_size <= 0:
         raise NnsightSaeError("--tokens, --epochs and --batch-size must be positive")
+    data = _data_spec(args, tokens=args.tokens, eval_tokens=args.eval_tokens)
     _fail_if_exists(args.out, args.resume)
     model = _load_model(args)
     widths = args.d_sae or sorted({args.expansion * resolve_site(model, s).d_in for s in args.site})
     run = RunSpec(types=args.type, sites=args.site, d_sae=widths, hyper=hyper, epochs=args.epochs,
                   batch_size=args.batch_size, buffer_rows=args.buffer_rows)
     config = {"lr": args.lr, "seed": args.seed, "checkpoint_every": args.checkpoint_every}
-    results = train_and_evaluate(model, _data_spec(args, tokens=args.tokens, eval_tokens=args.eval_tokens),
-                                 run, config, args.out, resume=args.resume)
+    results = train_and_evaluate(model, data, run, config, args.out, resume=args.resume)
     distributed.end()
     if results:  # data-parallel runs: only the first process saves and evaluates
         print(json.dumps(results, indent=2))
@@ -297,8 +301,8 @@ def cmd_eval(args) -> int:
     from .pipeline import token_contexts
 
     dictionary = load_dictionary(args.dict)
-    model = _load_model(args)
     data = _data_spec(args, eval_tokens=args.tokens)
+    model = _load_model(args)
     result = evaluate(model, [dictionary], token_contexts(model, data, held_out=True), drop_bos=data.drop_bos)[0]
     write_json(Path(args.out) / "eval.json", result)
     print(json.dumps(result, indent=2))

@@ -1,16 +1,25 @@
 """Text corpora and fixed-length token contexts.
 
-The embedded default is built offline from the running Python's standard
-library (source with its docstrings and comments) and ``pydoc_data.topics``:
-every machine has it, and it is the same for a given Python. ``--dataset``
-streams a Hugging Face dataset; ``--data`` reads local text, JSONL or parquet.
-Documents are split into train and held-out by a hash of their text, so every
-corpus has a held-out part that training never sees.
+Two corpora are embedded, so everything runs offline:
+
+- ``code``: the running Python's standard library (source with its docstrings
+  and comments) and ``pydoc_data.topics``; every machine has it, and it is the
+  same for a given Python.
+- ``prose``: English stories, scenes, letters and diary entries with named
+  people, places and dialogue, shipped in ``nnsight_sae/data/prose.jsonl.gz``
+  (generated once by the embedded model from seeded prompts: ``tools/generate_prose.py``).
+- ``mix``: the two interleaved, about half of the tokens each while the prose lasts.
+
+``--dataset`` streams a Hugging Face dataset; ``--data`` reads local text, JSONL
+or parquet. Documents are split into train and held-out by a hash of their
+text, so every corpus has a held-out part that training never sees.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
 import sysconfig
 import zlib
 from pathlib import Path
@@ -21,6 +30,9 @@ import torch
 from .errors import NnsightSaeError
 
 HELD_OUT_EVERY = 20  # one document in 20 is held out
+EMBEDDED = ("code", "prose", "mix")
+DEFAULT_CORPUS = "code"
+PROSE_FILE = Path(__file__).parent / "data" / "prose.jsonl.gz"
 _SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
 
 
@@ -52,26 +64,64 @@ def stdlib_documents() -> list[tuple[str, str]]:
     return docs
 
 
-def stdlib_corpus(split: str = "train"):
-    """The embedded corpus as a ``datasets.Dataset`` with columns text, source."""
+def prose_documents() -> list[tuple[str, str]]:
+    """(prompt, text) for the embedded prose corpus, in the shipped file's order."""
+    with gzip.open(PROSE_FILE, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return [(r["prompt"], r["text"]) for r in rows]
+
+
+def _mixed(a: list[tuple[str, str]], b: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Documents of a and b interleaved so that each has about half of the characters so far
+    (then the rest of the longer one)."""
+    out, i, j, chars_a, chars_b = [], 0, 0, 0, 0
+    while i < len(a) or j < len(b):
+        if j >= len(b) or (i < len(a) and chars_a <= chars_b):
+            out.append(a[i])
+            chars_a += len(a[i][1])
+            i += 1
+        else:
+            out.append(b[j])
+            chars_b += len(b[j][1])
+            j += 1
+    return out
+
+
+def embedded_corpus(name: str = DEFAULT_CORPUS, split: str = "train"):
+    """An embedded corpus (code, prose or mix) as a ``datasets.Dataset`` with columns text, source."""
     import datasets
 
-    docs = [(s, t) for s, t in stdlib_documents() if _held_out(t) == (split != "train")]
+    check_source(name, None, None)
+    if name == "code":
+        docs = stdlib_documents()
+    elif name == "prose":
+        docs = prose_documents()
+    else:
+        docs = _mixed(prose_documents(), stdlib_documents())
+    docs = [(s, t) for s, t in docs if _held_out(t) == (split != "train")]
     return datasets.Dataset.from_dict({"text": [t for _, t in docs], "source": [s for s, _ in docs]})
 
 
-def load_corpus(*, dataset: str | None = None, data: str | None = None, split: str = "train",
-                text_column: str = "text", held_out: bool = False):
+def check_source(corpus: str | None, dataset: str | None, data: str | None) -> None:
+    """At most one source of text, and an embedded corpus that exists."""
+    if sum(x is not None for x in (corpus, dataset, data)) > 1:
+        raise CorpusError("give one of --corpus, --dataset and --data")
+    if corpus is not None and corpus not in EMBEDDED:
+        raise CorpusError(f"no embedded corpus {corpus!r}; choose one of {', '.join(EMBEDDED)}")
+
+
+def load_corpus(*, corpus: str | None = None, dataset: str | None = None, data: str | None = None,
+                split: str = "train", text_column: str = "text", held_out: bool = False):
     """A Dataset or IterableDataset of documents.
 
+    corpus: an embedded corpus (code, prose or mix; the default when no other source is given).
     dataset: a Hugging Face dataset name, streamed (needs the network).
     data: a local .txt (one document per blank-line-separated block), .jsonl/.json or .parquet file.
-    Neither: the embedded standard-library corpus. held_out selects the held-out documents.
+    held_out selects the held-out documents.
     """
-    if dataset and data:
-        raise CorpusError("give --dataset or --data, not both")
+    check_source(corpus, dataset, data)
     if not dataset and not data:
-        return stdlib_corpus("test" if held_out else "train")
+        return embedded_corpus(corpus or DEFAULT_CORPUS, "test" if held_out else "train")
     import datasets
 
     try:

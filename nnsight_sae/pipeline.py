@@ -14,7 +14,7 @@ import torch
 from . import distributed
 from .atomic import write_json
 from .attach import site_device
-from .corpus import contexts, load_corpus
+from .corpus import DEFAULT_CORPUS, check_source, contexts, load_corpus
 from .dictionary import Dictionary
 from .errors import NnsightSaeError
 from .evaluate import evaluate
@@ -30,6 +30,7 @@ from .train import Member, TrainConfig, Trainer, input_scale, train
 class DataSpec:
     """Where the tokens come from and how they are cut."""
 
+    corpus: str | None = None  # an embedded corpus (code, prose, mix); the default when no other source
     dataset: str | None = None
     data: str | None = None
     split: str = "train"
@@ -39,9 +40,13 @@ class DataSpec:
     eval_tokens: int = 8_192
     drop_bos: bool = True  # leave out each context's first position (BOS or the attention sink)
 
+    def __post_init__(self):
+        check_source(self.corpus, self.dataset, self.data)
+
     def describe(self) -> dict:
-        return {"dataset": self.dataset, "data": self.data, "split": self.split, "text_column": self.text_column,
-                "ctx_len": self.ctx_len, "drop_bos": self.drop_bos}
+        corpus = self.corpus or (None if self.dataset or self.data else DEFAULT_CORPUS)
+        return {"corpus": corpus, "dataset": self.dataset, "data": self.data, "split": self.split,
+                "text_column": self.text_column, "ctx_len": self.ctx_len, "drop_bos": self.drop_bos}
 
 
 @dataclass
@@ -59,7 +64,7 @@ class RunSpec:
 
 
 def token_contexts(model, spec: DataSpec, *, held_out: bool) -> torch.Tensor:
-    corpus = load_corpus(dataset=spec.dataset, data=spec.data, split=spec.split,
+    corpus = load_corpus(corpus=spec.corpus, dataset=spec.dataset, data=spec.data, split=spec.split,
                          text_column=spec.text_column, held_out=held_out)
     limit = getattr(model._module.config, "max_position_embeddings", None)
     n = spec.eval_tokens if held_out else spec.tokens

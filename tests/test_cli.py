@@ -45,6 +45,8 @@ def test_help_for_every_command():
     (["train", "--type", "topk", "--site", "resid_post.0", "--ctx-len", "4096"], "longer than the model allows"),
     (["train", "--type", "topk", "--site", "resid_post.0", "--data", "/no/such.txt"], "no such data file"),
     (["train", "--type", "transcoder", "--site", "resid_post.0"], "a transcoder reads mlp_in.L"),
+    (["train", "--type", "topk", "--site", "resid_post.0", "--corpus", "prose", "--data", "x.txt"],
+     "give one of --corpus, --dataset and --data"),
 ])
 def test_bad_train_input_exits_2_and_writes_nothing(tmp_path, tiny_gpt2, args, match):
     out = tmp_path / "out"

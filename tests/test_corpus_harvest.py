@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from nnsight_sae.corpus import CorpusError, contexts, load_corpus, stdlib_corpus, stdlib_documents
+from nnsight_sae.corpus import (CorpusError, contexts, embedded_corpus, load_corpus, prose_documents,
+                                stdlib_documents)
 from nnsight_sae.harvest import ActivationStore, HarvestError, forward_order, harvest
 from nnsight_sae.sites import resolve_site
 from nnsight_sae.testing import VOCAB, tiny_prompts
@@ -12,15 +13,45 @@ from nnsight_sae.testing import VOCAB, tiny_prompts
 def test_stdlib_corpus_is_deterministic_and_held_out_is_disjoint():
     a, b = stdlib_documents(), stdlib_documents()
     assert a == b and len(a) > 500
-    train, test = stdlib_corpus("train"), stdlib_corpus("test")
+    train, test = embedded_corpus("code", "train"), embedded_corpus("code", "test")
     assert len(test) > 10 and not set(train["source"]) & set(test["source"])
     assert any("def " in t for t in train["text"][:50])  # source code
     assert any(s.startswith("pydoc_data.topics:") for s in list(train["source"]) + list(test["source"]))
 
 
+def test_prose_corpus_has_people_and_dialogue_and_a_disjoint_held_out_part():
+    docs = prose_documents()
+    assert len(docs) > 1500 and docs == prose_documents()
+    texts = [t for _, t in docs]
+    assert sum('"' in t for t in texts) > len(texts) / 2  # dialogue
+    assert sum(name in t for t in texts for name in ("Mary", "John")) > 50
+    assert not any("def " in t and "self" in t for t in texts)
+    train, test = embedded_corpus("prose", "train"), embedded_corpus("prose", "test")
+    assert len(train) + len(test) == len(docs) and len(test) > 40
+    assert not set(train["text"]) & set(test["text"])
+
+
+def test_mix_interleaves_prose_and_code_by_characters_while_the_prose_lasts():
+    mix = embedded_corpus("mix", "train")
+    prose = set(embedded_corpus("prose", "train")["text"])
+    head = mix["text"][:400]
+    prose_chars = sum(len(t) for t in head if t in prose)
+    code_chars = sum(len(t) for t in head if t not in prose)
+    assert 0.3 < prose_chars / (prose_chars + code_chars) < 0.7
+    assert len(mix) == len(prose) + len(embedded_corpus("code", "train"))
+    assert load_corpus(corpus="mix")["text"][:5] == mix["text"][:5]
+
+
+def test_one_source_at_a_time():
+    with pytest.raises(CorpusError, match="give one of --corpus, --dataset and --data"):
+        load_corpus(corpus="prose", data="x.txt")
+    with pytest.raises(CorpusError, match="no embedded corpus 'poetry'"):
+        load_corpus(corpus="poetry")
+
+
 def test_contexts_have_fixed_length_and_stop_at_the_budget(tiny_models):
     tok = tiny_models("gpt2").tokenizer
-    ctx = contexts(stdlib_corpus(), tok, 16, n_tokens=1000)
+    ctx = contexts(embedded_corpus("code"), tok, 16, n_tokens=1000)
     assert ctx.shape == (63, 16) and ctx.max() < VOCAB
 
 
@@ -66,7 +97,7 @@ def test_bad_data_is_a_clear_error(tmp_path, tiny_models):
     with pytest.raises(CorpusError, match="corpus is empty"):
         contexts(load_corpus(data=str(tmp_path / "empty.txt")), tok, 8)
     with pytest.raises(CorpusError, match="longer than the model allows"):
-        contexts(stdlib_corpus(), tok, 256, max_positions=128)
+        contexts(embedded_corpus("code"), tok, 256, max_positions=128)
 
 
 def test_forward_order():

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nnsight_sae.attach import attach
-from nnsight_sae.corpus import contexts, load_corpus
+from nnsight_sae.corpus import DEFAULT_CORPUS, EMBEDDED, contexts, load_corpus
 from nnsight_sae.errors import NnsightSaeError
 from nnsight_sae.models import model_id, trace_options
 from nnsight_sae.options import Option, Options
@@ -49,7 +49,8 @@ class CorpusOptions(Options):
 
     tokens = Option(int, 32_768, "corpus tokens to read", min=1)
     ctx_len = Option(int, 128, "tokens per corpus context", min=2)
-    data = Option(str, None, "local .txt/.jsonl/.parquet corpus (default: the embedded stdlib corpus)")
+    corpus = Option(str, None, f"embedded corpus (default when no --data: {DEFAULT_CORPUS})", choices=EMBEDDED)
+    data = Option(str, None, "local .txt/.jsonl/.parquet corpus instead of an embedded one")
 
 
 FEATURES = Option(int, help="comma-separated feature indices", many=True, min=0)
@@ -69,14 +70,16 @@ def top_tokens(tokenizer, values: torch.Tensor, k: int) -> dict:
 
 
 
-def corpus_tokens(model, *, n_tokens: int, ctx_len: int, data: str | None = None) -> torch.Tensor:
-    """(n, ctx_len) contexts from the corpus (the embedded stdlib corpus unless ``data`` names a file)."""
-    return contexts(load_corpus(data=data), model.tokenizer, ctx_len, n_tokens)
+def corpus_tokens(model, *, n_tokens: int, ctx_len: int, corpus: str | None = None,
+                  data: str | None = None) -> torch.Tensor:
+    """(n, ctx_len) contexts from an embedded corpus or, if ``data`` names one, a local file."""
+    return contexts(load_corpus(corpus=corpus, data=data), model.tokenizer, ctx_len, n_tokens)
 
 
 def corpus_of(model, options: CorpusOptions) -> torch.Tensor:
     """The corpus contexts a ``CorpusOptions`` asks for."""
-    return corpus_tokens(model, n_tokens=options.tokens, ctx_len=options.ctx_len, data=options.data)
+    return corpus_tokens(model, n_tokens=options.tokens, ctx_len=options.ctx_len, corpus=options.corpus,
+                         data=options.data)
 
 
 @torch.no_grad()

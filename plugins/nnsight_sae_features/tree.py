@@ -22,6 +22,7 @@ from collections import Counter
 import torch
 
 from nnsight_sae.analysis import Analysis
+from nnsight_sae.corpus import DEFAULT_CORPUS
 from nnsight_sae.files import load_dictionary
 from nnsight_sae.harvest import forward_order
 from nnsight_sae.models import cache_dir, model_id
@@ -142,10 +143,11 @@ def plot_tree(tree: dict, path) -> None:
               title=f"causal tree of {tree['site']} feature {tree['feature']} (edge: mean drop when ablated)")
 
 
-def default_upstream(model, dictionary):
+def default_upstream(model, dictionary, corpus: str | None = None):
     """A dictionary of the same type, width and settings one layer before ``dictionary``'s
-    site: found in the cache if made before, else trained on 100k corpus tokens (a minute or
-    two on a CPU). Returns it and a line saying which, also printed."""
+    site: found in the cache if made before, else trained on 100k tokens of the embedded
+    ``corpus`` (a minute or two on a CPU). Returns it and a line saying which, also printed."""
+    corpus = corpus or DEFAULT_CORPUS
     layer = site_layer(dictionary.site)
     if layer is None or layer < 1:
         raise FeatureError(f"no layer before {dictionary.site}: pass --upstream DIR with a dictionary at an "
@@ -154,13 +156,13 @@ def default_upstream(model, dictionary):
     site = f"{kind}.{layer - 1}"
     hyper = dictionary.cfg.hyper_parameters()
     settings = hashlib.sha1(json.dumps(hyper, sort_keys=True).encode()).hexdigest()[:8]
-    name = f"{dictionary.type_name}-{site}-{dictionary.d_sae}-{settings}"
+    name = f"{dictionary.type_name}-{site}-{dictionary.d_sae}-{settings}-{corpus}"
     folder = cache_dir() / "dictionaries" / model_id(model) / name
     if (folder / "sae_weights.safetensors").exists():
         how = f"upstream {site}: found {folder}"
     else:
-        print(f"no dictionary given for {site}: training {name} on 100k corpus tokens into {folder} ...")
-        train_and_evaluate(model, DataSpec(tokens=100_000, eval_tokens=4096),
+        print(f"no dictionary given for {site}: training {name} on 100k {corpus} tokens into {folder} ...")
+        train_and_evaluate(model, DataSpec(corpus=corpus, tokens=100_000, eval_tokens=4096),
                            RunSpec(types=[dictionary.type_name], sites=[site], d_sae=[dictionary.d_sae], hyper=hyper,
                                    epochs=2), {"lr": 4e-4}, folder)
         how = f"upstream {site}: trained {folder}"
@@ -192,7 +194,7 @@ class CausalTree(Analysis):
         upstream = [load_dictionary(path) for path in options.upstream][:depth]
         made = []
         while len(upstream) < depth:
-            d, how = default_upstream(model, upstream[-1] if upstream else dictionary)
+            d, how = default_upstream(model, upstream[-1] if upstream else dictionary, options.corpus)
             upstream.append(d)
             made.append(how)
         chain += [bind(model, d) for d in upstream]
