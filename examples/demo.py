@@ -29,7 +29,8 @@ def main():
 
     folder = OUT / "topk-resid_post.6"
     if not (folder / "sae_weights.safetensors").exists():
-        print(f"training a TopK SAE (d_sae 4608, k 32) on {SITE} over 100k tokens of the stdlib corpus ...")
+        print(f"training a TopK SAE (d_sae 4608, k 32) on {SITE} over 100k tokens of the embedded code + prose "
+              f"corpus ...")
         train_and_evaluate(model, DataSpec(tokens=100_000, eval_tokens=4096),
                            RunSpec(types=["topk"], sites=[SITE], d_sae=[4608], hyper={"k": 32}, epochs=2),
                            {"lr": 4e-4}, folder)

@@ -71,8 +71,8 @@ def train_transcoder(model, layer) -> ns.Dictionary:
     folder = OUT / f"transcoder-mlp_in.{layer}"
     if not (folder / "sae_weights.safetensors").exists():
         print(f"training a transcoder mlp_in.{layer} -> mlp_out.{layer} (d_sae 4608, L1 5e-4) on 300k tokens x 3 "
-              f"epochs of the stdlib corpus ...")
-        train_and_evaluate(model, DataSpec(tokens=300_000, eval_tokens=8192),
+              f"epochs of the code corpus ...")
+        train_and_evaluate(model, DataSpec(corpus="code", tokens=300_000, eval_tokens=8192),
                            RunSpec(types=["transcoder"], sites=[f"mlp_in.{layer}"], d_sae=[4608],
                                    hyper={"l1_coefficient": 5e-4}, epochs=3), {"lr": 4e-4}, folder)
     ev = json.loads((folder / "eval.json").read_text())

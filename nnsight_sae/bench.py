@@ -222,7 +222,7 @@ def bench_train(model, out: Path, *, site="resid_post.6", d_sae=4608, k=32, batc
     runs (a feature counts as dead after a tenth of the run's rows, as in ``nnsight-sae train``),
     with checkpoints every ``checkpoint_every`` steps for ours and sparsify's. Also the FVU each
     reaches on held-out rows after the same steps. ``data``: a local corpus file instead of the
-    embedded one."""
+    embedded code corpus (fixed here, whatever the default, so figures stay comparable)."""
     import tempfile
 
     from .harvest import harvest
@@ -231,7 +231,8 @@ def bench_train(model, out: Path, *, site="resid_post.6", d_sae=4608, k=32, batc
     from .train import Member, TrainConfig, Trainer, fvu, input_scale
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    data = DataSpec(data=data, tokens=tokens or steps * batch + 4096, eval_tokens=eval_tokens)
+    data = DataSpec(corpus=None if data else "code", data=data, tokens=tokens or steps * batch + 4096,
+                    eval_tokens=eval_tokens)
     store = activation_store(model, [site], data, progress=False)
     d_in = store.shapes[site][-1]
     scale = input_scale(store.rows(site, slice(0, min(store.n_rows, 20_000))))

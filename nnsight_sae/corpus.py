@@ -8,7 +8,7 @@ Two corpora are embedded, so everything runs offline:
 - ``prose``: English stories, scenes, letters and diary entries with named
   people, places and dialogue, shipped in ``nnsight_sae/data/prose.jsonl.gz``
   (generated once by the embedded model from seeded prompts: ``tools/generate_prose.py``).
-- ``mix``: the two interleaved, about half of the tokens each while the prose lasts.
+- ``mix``: the two interleaved, about half of the characters each while the prose lasts.
 
 ``--dataset`` streams a Hugging Face dataset; ``--data`` reads local text, JSONL
 or parquet. Documents are split into train and held-out by a hash of their
@@ -31,7 +31,7 @@ from .errors import NnsightSaeError
 
 HELD_OUT_EVERY = 20  # one document in 20 is held out
 EMBEDDED = ("code", "prose", "mix")
-DEFAULT_CORPUS = "code"
+DEFAULT_CORPUS = "mix"  # the better SAE on code, prose and the tasks (README, "Data")
 PROSE_FILE = Path(__file__).parent / "data" / "prose.jsonl.gz"
 _SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
 

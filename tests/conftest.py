@@ -66,14 +66,31 @@ def smol_resid6(tmp_path_factory):
     (several minutes), shared by the quality bars and the feature analyses. One run, two dictionaries
     in lockstep; each dictionary's data order and initialisation depend only on the seed, so the topk
     one is what `nnsight-sae train --type topk --site resid_post.6 --tokens 300000 --epochs 3
-    --d-sae 4608` gives. Returns the run folder (NNSIGHT_SAE_TEST_RESID6=DIR reuses one while iterating)."""
+    --d-sae 4608 --corpus code` gives (code: the figures in the README's quality and feature tables
+    are on it). Returns the run folder (NNSIGHT_SAE_TEST_RESID6=DIR reuses one while iterating)."""
     if os.environ.get("NNSIGHT_SAE_TEST_RESID6"):
         from pathlib import Path
 
         return Path(os.environ["NNSIGHT_SAE_TEST_RESID6"])
     out = tmp_path_factory.mktemp("resid6")
     _train_cli(out, "--type", "topk,relu", "--site", "resid_post.6", "--tokens", 300_000, "--epochs", 3,
-              "--d-sae", 4608)
+              "--d-sae", 4608, "--corpus", "code")
+    return out
+
+
+@pytest.fixture(scope="session")
+def smol_resid6_prose(tmp_path_factory):
+    """The TopK SAE of ``smol_resid6`` trained on the embedded prose corpus instead (same site,
+    width, k and budget; a 1,024-token evaluation, as the tests need none): `nnsight-sae train
+    --type topk --site resid_post.6 --tokens 300000 --epochs 3 --d-sae 4608 --corpus prose`.
+    About 4 minutes. NNSIGHT_SAE_TEST_RESID6_PROSE=DIR reuses one while iterating."""
+    if os.environ.get("NNSIGHT_SAE_TEST_RESID6_PROSE"):
+        from pathlib import Path
+
+        return Path(os.environ["NNSIGHT_SAE_TEST_RESID6_PROSE"])
+    out = tmp_path_factory.mktemp("resid6prose")
+    _train_cli(out, "--type", "topk", "--site", "resid_post.6", "--tokens", 300_000, "--epochs", 3,
+               "--d-sae", 4608, "--corpus", "prose", "--eval-tokens", 1024)
     return out
 
 

@@ -1,4 +1,5 @@
 """Feature analyses on the embedded SmolLM2 with the quality bars' TopK SAE on resid_post.6
+(trained on the code corpus, which these analyses read too) and one trained on the default mix
 (slow: minutes on 2 cores). The figures are in the README."""
 
 import html
@@ -29,7 +30,7 @@ def paren_feature(smol, topk6):
     att = attach(smol, load_dictionary(topk6))
     vocab = len(smol.tokenizer)
     has_paren = torch.tensor(["(" in smol.tokenizer.decode([i]) for i in range(vocab)])
-    tokens = corpus_tokens(smol, n_tokens=16_384, ctx_len=64)
+    tokens = corpus_tokens(smol, n_tokens=16_384, ctx_len=64, corpus="code")
     on_paren = total = fires = 0
     for start in range(0, len(tokens), 32):
         ids = tokens[start:start + 32]
@@ -45,9 +46,9 @@ def paren_feature(smol, topk6):
     return feature
 
 
-def feature_patching(smol, topk6, out, task, n_prompts, candidates):
+def feature_patching(smol, topk6, out, task, n_prompts, candidates, corpus="code"):
     r = run_analysis("feature-patching", model=smol, dictionary=load_dictionary(topk6), out_dir=out, task=task,
-                     n_prompts=n_prompts, candidates=candidates)
+                     n_prompts=n_prompts, candidates=candidates, corpus=corpus)
     print(f"\n{task}:", json.dumps({k: r[k] for k in ("kl_unpatched", "metric_base", "metric_counterfactual",
                                                        "seconds")}))
     for name in ("sae", "pca"):
@@ -64,8 +65,8 @@ def feature_patching(smol, topk6, out, task, n_prompts, candidates):
 
 def test_feature_patching_on_greater_than(smol, topk6, tmp_path):
     """The paper's claim holds here when each prompt ranks its own features (measured: KL halved
-    with 19 features vs 27 principal directions); with one ranking shared by all prompts PCA
-    needs fewer (22 vs 32). Both are in the README."""
+    with 20 features vs 27 principal directions); with one ranking shared by all prompts PCA
+    needs fewer (22 vs 27). Both are in the README."""
     r = feature_patching(smol, topk6, tmp_path, "greater-than", 24, 32)
     sae, pca = r["sae"]["per_prompt"], r["pca"]["per_prompt"]
     assert sae["directions_needed"]["0.5"] is not None
@@ -76,9 +77,10 @@ def test_feature_patching_on_greater_than(smol, topk6, tmp_path):
 def test_feature_patching_on_ioi(smol, topk6, tmp_path):
     """On IOI the paper's claim does not hold on this model and corpus: PCA halves the KL with fewer
     directions, because the SAE (trained on Python source and docs, few personal names) reproduces
-    under half of the activation's shift when the indirect object's name changes; the rest is in its
-    error term, so even every feature patched leaves about half the KL (README). What we assert:
-    the SAE's features do carry part of the name swap."""
+    about half of the activation's shift (54%) when the indirect object's name changes; the rest is in its
+    error term, so even every feature patched leaves over a third of the KL (README; an SAE trained
+    on prose does better: the next test). What we assert: the code SAE's features do carry part of
+    the name swap."""
     r = feature_patching(smol, topk6, tmp_path, "ioi", 16, 24)
     sae = r["sae"]["per_prompt"]
     assert r["kl_unpatched"] > 1  # the swap moves the prediction
@@ -86,11 +88,28 @@ def test_feature_patching_on_ioi(smol, topk6, tmp_path):
     assert r["sae"]["kl_all_directions"] < r["kl_unpatched"]
 
 
+def test_feature_patching_on_ioi_with_an_sae_trained_on_prose(smol, smol_resid6_prose, tmp_path):
+    """The same SAE trained on the prose corpus (names, dialogue), PCA fitted on prose too. The
+    paper's claim holds here past the first ten directions: halving the KL takes the SAE no more
+    directions than PCA (measured 8 vs 8, the SAE by a hair: KL 1.967 against a bar of 1.971), a
+    quarter of it 20 features and more than 24 principal directions, and from 11 on each prompt's
+    features leave less KL than as many principal directions (16: 1.26 vs 1.43; 24: 0.40 vs 1.05).
+    The SAE now reproduces 77% of the activation's shift (the code SAE: 54%)."""
+    r = feature_patching(smol, smol_resid6_prose, tmp_path, "ioi", 16, 24, corpus="prose")
+    sae, pca = r["sae"]["per_prompt"], r["pca"]["per_prompt"]
+    assert sae["directions_needed"]["0.5"] <= 10
+    quarter_sae, quarter_pca = sae["directions_needed"]["0.25"], pca["directions_needed"]["0.25"]
+    assert quarter_sae is not None and (quarter_pca is None or quarter_sae < quarter_pca)
+    assert sae["kl"][15] < pca["kl"][15] and sae["kl"][-1] < pca["kl"][-1]
+    assert r["sae"]["shift_captured"] >= 0.7
+    assert r["sae"]["kl_all_directions"] < 0.25 * r["kl_unpatched"]
+
+
 def test_causal_tree_of_a_paren_feature(smol, topk6, paren_feature, tmp_path, capsys):
     """Without --upstream the tree trains a TopK SAE on resid_post.5 (100k tokens) and says so."""
     target = load_dictionary(topk6)
     r = run_analysis("causal-tree", model=smol, dictionary=target, out_dir=tmp_path, feature=paren_feature,
-                     depth=1, width=3, contexts=20, candidates=128)
+                     depth=1, width=3, contexts=20, candidates=128, corpus="code")
     assert "upstream resid_post.5: trained" in capsys.readouterr().out
     tree = r["tree"]
     print(json.dumps({k: tree[k] for k in ("feature", "max_activation", "mean_activation", "top_tokens", "ranking")}))
@@ -104,7 +123,7 @@ def test_causal_tree_of_a_paren_feature(smol, topk6, paren_feature, tmp_path, ca
 
     upstream = load_dictionary(r["upstream_made"][0].split("trained ")[1])
     t_att, u_att = attach(smol, target), attach(smol, upstream)
-    ctx = firing_contexts(smol, t_att, corpus_tokens(smol, n_tokens=32_768, ctx_len=64), paren_feature,
+    ctx = firing_contexts(smol, t_att, corpus_tokens(smol, n_tokens=32_768, ctx_len=64, corpus="code"), paren_feature,
                           n_contexts=20)
     rows = torch.arange(len(ctx["positions"]))
     with torch.no_grad(), smol.trace(ctx["enc"]):
@@ -135,7 +154,7 @@ def test_feature_report_renders_in_chromium(smol, topk6, paren_feature, tmp_path
     import matplotlib.image
 
     r = run_analysis("feature-report", model=smol, dictionary=load_dictionary(topk6), out_dir=tmp_path,
-                     features=[paren_feature], contexts=10, tokens=32_768)
+                     features=[paren_feature], contexts=10, tokens=32_768, corpus="code")
     e = r["features"][0]
     top_tokens = [c["tokens"][c["max_position"]] for c in e["contexts"]]
     print(json.dumps({"feature": paren_feature, "top_tokens": top_tokens, "max": e["max_activation"],

@@ -37,14 +37,15 @@ LAYERS = (0, 3, 10, 20)
 def transcoders(tmp_path_factory, train_cli):
     """Transcoders on SmolLM2's MLPs 0, 3, 10 and 20 (d_sae 4608, L1 5e-4), trained in lockstep on
     150k tokens x 2 epochs (about 8 minutes): `nnsight-sae train --type transcoder --site
-    mlp_in.0,mlp_in.3,mlp_in.10,mlp_in.20 --tokens 150000 --epochs 2 --d-sae 4608 --eval-tokens 4096`.
+    mlp_in.0,mlp_in.3,mlp_in.10,mlp_in.20 --tokens 150000 --epochs 2 --d-sae 4608 --eval-tokens 4096
+    --corpus code`.
     Returns layer -> folder (NNSIGHT_SAE_TEST_TRANSCODERS=DIR reuses a run while iterating)."""
     if os.environ.get("NNSIGHT_SAE_TEST_TRANSCODERS"):
         out = Path(os.environ["NNSIGHT_SAE_TEST_TRANSCODERS"])
     else:
         out = tmp_path_factory.mktemp("transcoders")
         train_cli(out, "--type", "transcoder", "--site", ",".join(f"mlp_in.{layer}" for layer in LAYERS),
-                  "--tokens", 150_000, "--epochs", 2, "--d-sae", 4608, "--eval-tokens", 4096)
+                  "--tokens", 150_000, "--epochs", 2, "--d-sae", 4608, "--eval-tokens", 4096, "--corpus", "code")
     return {layer: out / f"transcoder-mlp_in.{layer}-4608" for layer in LAYERS}
 
 
@@ -72,7 +73,7 @@ def test_de_embeddings_of_token_features(smol, transcoders):
     from nnsight_sae_features.deembed import de_embedding
 
     d = load_dictionary(transcoders[0])
-    tokens = corpus_tokens(smol, n_tokens=32768, ctx_len=128)
+    tokens = corpus_tokens(smol, n_tokens=32768, ctx_len=128, corpus="code")
     acts = feature_activations(smol, attach(smol, d), tokens, list(range(d.d_sae)), batch_size=32)
     acts, ids = acts.reshape(-1, d.d_sae), tokens.reshape(-1)
     features, favourites = [], []
