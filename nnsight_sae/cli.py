@@ -169,8 +169,8 @@ def _add_data(p, tokens_default):
 def _data_spec(args, **kw):
     from .pipeline import DataSpec
 
-    return DataSpec(corpus=args.corpus, dataset=args.dataset, data=args.data, split=args.split, text_column=args.text_column,
-                    ctx_len=args.ctx_len, drop_bos=not args.keep_bos, **kw)
+    return DataSpec(corpus=args.corpus, dataset=args.dataset, data=args.data, split=args.split,
+                    text_column=args.text_column, ctx_len=args.ctx_len, drop_bos=not args.keep_bos, **kw)
 
 
 def _fail_if_exists(out, resume=False):

@@ -102,6 +102,12 @@ def embedded_corpus(name: str = DEFAULT_CORPUS, split: str = "train"):
     return datasets.Dataset.from_dict({"text": [t for _, t in docs], "source": [s for s, _ in docs]})
 
 
+def embedded_choice(corpus: str | None, dataset: str | None = None, data: str | None = None) -> str | None:
+    """The embedded corpus these sources mean: ``corpus``, else the default when neither a
+    dataset nor a file is given, else None."""
+    return corpus or (None if dataset or data else DEFAULT_CORPUS)
+
+
 def check_source(corpus: str | None, dataset: str | None, data: str | None) -> None:
     """At most one source of text, and an embedded corpus that exists."""
     if sum(x is not None for x in (corpus, dataset, data)) > 1:
@@ -120,8 +126,8 @@ def load_corpus(*, corpus: str | None = None, dataset: str | None = None, data: 
     held_out selects the held-out documents.
     """
     check_source(corpus, dataset, data)
-    if not dataset and not data:
-        return embedded_corpus(corpus or DEFAULT_CORPUS, "test" if held_out else "train")
+    if embedded_choice(corpus, dataset, data):
+        return embedded_corpus(embedded_choice(corpus), "test" if held_out else "train")
     import datasets
 
     try:

@@ -14,7 +14,7 @@ import torch
 from . import distributed
 from .atomic import write_json
 from .attach import site_device
-from .corpus import DEFAULT_CORPUS, check_source, contexts, load_corpus
+from .corpus import check_source, contexts, embedded_choice, load_corpus
 from .dictionary import Dictionary
 from .errors import NnsightSaeError
 from .evaluate import evaluate
@@ -44,9 +44,9 @@ class DataSpec:
         check_source(self.corpus, self.dataset, self.data)
 
     def describe(self) -> dict:
-        corpus = self.corpus or (None if self.dataset or self.data else DEFAULT_CORPUS)
-        return {"corpus": corpus, "dataset": self.dataset, "data": self.data, "split": self.split,
-                "text_column": self.text_column, "ctx_len": self.ctx_len, "drop_bos": self.drop_bos}
+        return {"corpus": embedded_choice(self.corpus, self.dataset, self.data), "dataset": self.dataset,
+                "data": self.data, "split": self.split, "text_column": self.text_column, "ctx_len": self.ctx_len,
+                "drop_bos": self.drop_bos}
 
 
 @dataclass

@@ -55,6 +55,18 @@ def _train_cli(out, *args):
     print(f"\ntrain {' '.join(map(str, args))}: {time.perf_counter() - t:.0f}s")
 
 
+def _shared_run(tmp_path_factory, reuse_env: str, *args):
+    """The folder of a training run shared by several tests: the one named by the environment
+    variable ``reuse_env`` (to reuse a run while iterating), else a fresh `nnsight-sae train ARGS`."""
+    if os.environ.get(reuse_env):
+        from pathlib import Path
+
+        return Path(os.environ[reuse_env])
+    out = tmp_path_factory.mktemp("run")
+    _train_cli(out, *args)
+    return out
+
+
 @pytest.fixture(scope="session")
 def train_cli():
     return _train_cli
@@ -68,14 +80,8 @@ def smol_resid6(tmp_path_factory):
     one is what `nnsight-sae train --type topk --site resid_post.6 --tokens 300000 --epochs 3
     --d-sae 4608 --corpus code` gives (code: the figures in the README's quality and feature tables
     are on it). Returns the run folder (NNSIGHT_SAE_TEST_RESID6=DIR reuses one while iterating)."""
-    if os.environ.get("NNSIGHT_SAE_TEST_RESID6"):
-        from pathlib import Path
-
-        return Path(os.environ["NNSIGHT_SAE_TEST_RESID6"])
-    out = tmp_path_factory.mktemp("resid6")
-    _train_cli(out, "--type", "topk,relu", "--site", "resid_post.6", "--tokens", 300_000, "--epochs", 3,
-              "--d-sae", 4608, "--corpus", "code")
-    return out
+    return _shared_run(tmp_path_factory, "NNSIGHT_SAE_TEST_RESID6", "--type", "topk,relu", "--site", "resid_post.6",
+                       "--tokens", 300_000, "--epochs", 3, "--d-sae", 4608, "--corpus", "code")
 
 
 @pytest.fixture(scope="session")
@@ -84,14 +90,9 @@ def smol_resid6_prose(tmp_path_factory):
     width, k and budget; a 1,024-token evaluation, as the tests need none): `nnsight-sae train
     --type topk --site resid_post.6 --tokens 300000 --epochs 3 --d-sae 4608 --corpus prose`.
     About 4 minutes. NNSIGHT_SAE_TEST_RESID6_PROSE=DIR reuses one while iterating."""
-    if os.environ.get("NNSIGHT_SAE_TEST_RESID6_PROSE"):
-        from pathlib import Path
-
-        return Path(os.environ["NNSIGHT_SAE_TEST_RESID6_PROSE"])
-    out = tmp_path_factory.mktemp("resid6prose")
-    _train_cli(out, "--type", "topk", "--site", "resid_post.6", "--tokens", 300_000, "--epochs", 3,
-               "--d-sae", 4608, "--corpus", "prose", "--eval-tokens", 1024)
-    return out
+    return _shared_run(tmp_path_factory, "NNSIGHT_SAE_TEST_RESID6_PROSE", "--type", "topk", "--site", "resid_post.6",
+                       "--tokens", 300_000, "--epochs", 3, "--d-sae", 4608, "--corpus", "prose",
+                       "--eval-tokens", 1024)
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Feature analyses on the embedded SmolLM2 with the quality bars' TopK SAE on resid_post.6
-(trained on the code corpus, which these analyses read too) and one trained on the default mix
+(trained on the code corpus, which these analyses read too) and one trained on the prose corpus
 (slow: minutes on 2 cores). The figures are in the README."""
 
 import html
@@ -123,8 +123,8 @@ def test_causal_tree_of_a_paren_feature(smol, topk6, paren_feature, tmp_path, ca
 
     upstream = load_dictionary(r["upstream_made"][0].split("trained ")[1])
     t_att, u_att = attach(smol, target), attach(smol, upstream)
-    ctx = firing_contexts(smol, t_att, corpus_tokens(smol, n_tokens=32_768, ctx_len=64, corpus="code"), paren_feature,
-                          n_contexts=20)
+    tokens = corpus_tokens(smol, n_tokens=32_768, ctx_len=64, corpus="code")
+    ctx = firing_contexts(smol, t_att, tokens, paren_feature, n_contexts=20)
     rows = torch.arange(len(ctx["positions"]))
     with torch.no_grad(), smol.trace(ctx["enc"]):
         clean = t_att.features()[rows, ctx["positions"], paren_feature].save()

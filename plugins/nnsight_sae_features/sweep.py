@@ -97,8 +97,8 @@ class TranscoderVsSae(Analysis):
             raise FeatureError(f"tc-vs-sae compares dictionaries on one MLP: give a transcoder or an SAE at "
                                f"mlp_in.L / mlp_out.L, not one at {dictionary.site}")
         bind(model, dictionary)
-        data = DataSpec(corpus=options.corpus, data=options.data, tokens=options.tokens, ctx_len=options.ctx_len,
-                        eval_tokens=options.eval_tokens)
+        data = DataSpec(corpus=options.corpus, data=options.data, tokens=options.tokens,
+                        ctx_len=options.ctx_len, eval_tokens=options.eval_tokens)
         d_sae = options.d_sae or dictionary.d_sae
         points = sweep(model, layer, sorted(options.l1), d_sae=d_sae, data=data, epochs=options.epochs,
                        out=out_dir / "dictionaries")

@@ -22,7 +22,7 @@ from collections import Counter
 import torch
 
 from nnsight_sae.analysis import Analysis
-from nnsight_sae.corpus import DEFAULT_CORPUS
+from nnsight_sae.corpus import embedded_choice
 from nnsight_sae.files import load_dictionary
 from nnsight_sae.harvest import forward_order
 from nnsight_sae.models import cache_dir, model_id
@@ -147,7 +147,7 @@ def default_upstream(model, dictionary, corpus: str | None = None):
     """A dictionary of the same type, width and settings one layer before ``dictionary``'s
     site: found in the cache if made before, else trained on 100k tokens of the embedded
     ``corpus`` (a minute or two on a CPU). Returns it and a line saying which, also printed."""
-    corpus = corpus or DEFAULT_CORPUS
+    corpus = embedded_choice(corpus)
     layer = site_layer(dictionary.site)
     if layer is None or layer < 1:
         raise FeatureError(f"no layer before {dictionary.site}: pass --upstream DIR with a dictionary at an "
