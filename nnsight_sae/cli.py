@@ -59,7 +59,7 @@ def cmd_analyze(args) -> int:
 
     analysis = registry().get("analyses", args.analysis)
     options = analysis.options(**given(args, analysis.Options))  # checked before anything loads
-    dictionary = load_dictionary(args.dict)
+    dictionary = [load_dictionary(d) for d in args.dict] if analysis.many_dictionaries else load_dictionary(args.dict)
     model = _load_model(args)
     run_analysis(args.analysis, model=model, dictionary=dictionary, out_dir=args.out, **options.as_dict())
     print(f"wrote {args.out}/{args.analysis}.json")
@@ -452,7 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
     analyses = p.add_subparsers(dest="analysis", required=True, metavar="NAME")
     for name, entry in sorted(registry().analyses.items()):
         a = analyses.add_parser(name, help=entry.obj.help, formatter_class=_ShowDefaults)
-        a.add_argument("--dict", required=True, help="dictionary folder (cfg.json + sae_weights.safetensors)")
+        if entry.obj.many_dictionaries:
+            a.add_argument("--dicts", "--dict", dest="dict", type=_csv(str), required=True,
+                           help="dictionary folders, comma-separated")
+        else:
+            a.add_argument("--dict", required=True, help="dictionary folder (cfg.json + sae_weights.safetensors)")
         a.add_argument("--out", required=True, help="output folder")
         _add_model(a)
         add_options(a.add_argument_group(f"{name} options"), entry.obj.Options)

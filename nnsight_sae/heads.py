@@ -54,10 +54,10 @@ def last_logits(model, texts: list[str], batch_size: int = 16) -> torch.Tensor:
                       for start in range(0, len(texts), batch_size)])
 
 
-def encode_pair(model, prompts):
-    """Positive and negative prompts tokenised to one common (left-padded) width,
-    so positions counted from the end line up between them."""
-    pos, neg = _encode(model, prompts.positive), _encode(model, prompts.negative)
+def encode_pair(model, prompts, other: list[str] | None = None):
+    """Positive and negative prompts (or ``other`` texts, e.g. the counterfactuals) tokenised
+    to one common (left-padded) width, so positions counted from the end line up between them."""
+    pos, neg = _encode(model, prompts.positive), _encode(model, prompts.negative if other is None else other)
     width = max(pos.input_ids.shape[1], neg.input_ids.shape[1])
 
     def pad(enc):

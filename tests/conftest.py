@@ -84,15 +84,22 @@ def smol_resid6(tmp_path_factory):
                        "--tokens", 300_000, "--epochs", 3, "--d-sae", 4608, "--corpus", "code")
 
 
+PROSE_LAYERS = (6, 12, 18)
+
+
 @pytest.fixture(scope="session")
-def smol_resid6_prose(tmp_path_factory):
-    """The TopK SAE of ``smol_resid6`` trained on the embedded prose corpus instead (same site,
-    width, k and budget; a 1,024-token evaluation, as the tests need none): `nnsight-sae train
-    --type topk --site resid_post.6 --tokens 300000 --epochs 3 --d-sae 4608 --corpus prose`.
-    About 4 minutes. NNSIGHT_SAE_TEST_RESID6_PROSE=DIR reuses one while iterating."""
-    return _shared_run(tmp_path_factory, "NNSIGHT_SAE_TEST_RESID6_PROSE", "--type", "topk", "--site", "resid_post.6",
-                       "--tokens", 300_000, "--epochs", 3, "--d-sae", 4608, "--corpus", "prose",
-                       "--eval-tokens", 1024)
+def smol_prose_saes(tmp_path_factory):
+    """TopK SAEs like ``smol_resid6``'s (d_sae 4608, k 32, 300k tokens x 3 epochs) on SmolLM2's
+    resid_post.6, .12 and .18, trained in lockstep on the embedded prose corpus (one harvest; a
+    1,024-token evaluation, as the tests need none): `nnsight-sae train --type topk --site
+    resid_post.6,resid_post.12,resid_post.18 --tokens 300000 --epochs 3 --d-sae 4608 --corpus prose`.
+    Each dictionary's data order and initialisation depend only on the seed, so the resid_post.6
+    one is what training it alone gives. About 11 minutes. Returns layer -> folder
+    (NNSIGHT_SAE_TEST_PROSE=DIR reuses a run while iterating)."""
+    run = _shared_run(tmp_path_factory, "NNSIGHT_SAE_TEST_PROSE", "--type", "topk", "--site",
+                      ",".join(f"resid_post.{layer}" for layer in PROSE_LAYERS), "--tokens", 300_000, "--epochs", 3,
+                      "--d-sae", 4608, "--corpus", "prose", "--eval-tokens", 1024)
+    return {layer: run / f"topk-resid_post.{layer}-4608" for layer in PROSE_LAYERS}
 
 
 @pytest.fixture

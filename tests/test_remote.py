@@ -87,11 +87,14 @@ def _analyses(tmp_path, corpus, counterfactual_task, task_file):
         "feature-report": lambda m, out: run_analysis(
             "feature-report", model=m, dictionary=random_dictionary("resid_post.1"), out_dir=out,
             features=[3], contexts=3, **data),
+        "feature-circuit": lambda m, out: run_analysis(
+            "feature-circuit", model=m, dictionary=[random_dictionary("resid_post.0"), tc], out_dir=out,
+            task=counterfactual_task, n_prompts=8, steps=2, check_nodes=4, random_sets=1, **data),
     }
 
 
 ANALYSES = ["harvest", "evaluate", "replacement", "reference", "attribution", "code-overlap",
-            "feature-patching", "causal-tree", "feature-report"]
+            "feature-patching", "causal-tree", "feature-report", "feature-circuit"]
 
 
 @pytest.mark.parametrize("name", ANALYSES)

@@ -15,6 +15,7 @@ from nnsight_sae.models import model_id, trace_options
 from nnsight_sae.options import Option, Options
 from nnsight_sae.plots import pyplot, save_figure
 from nnsight_sae.sites import architecture_of, resolve_site, site_layer
+from nnsight_sae.tasks import get_task
 
 
 class FeatureError(NnsightSaeError, ValueError):
@@ -54,6 +55,18 @@ class CorpusOptions(Options):
 
 
 FEATURES = Option(int, help="comma-separated feature indices", many=True, min=0)
+
+
+def counterfactual_prompts(model, options):
+    """The task ``options.task`` and its prompt pairs (``n_prompts``, ``seed``, ``prompts`` split)
+    that have a counterfactual of the prompt's token length; FeatureError if none has."""
+    task = get_task(options.task)
+    prompts = task.prompts(model.tokenizer, options.n_prompts, seed=options.seed, split=options.prompts)
+    usable = [i for i, cf in enumerate(prompts.counterfactual) if cf is not None]
+    if not usable:
+        raise FeatureError(f"task {options.task!r} has no counterfactual prompts; use ioi or greater-than, or "
+                           f"a task file with a \"counterfactual\" on every line")
+    return task, prompts.subset(usable)
 
 
 def text_of(tokenizer, token_id: int) -> str:

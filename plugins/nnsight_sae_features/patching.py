@@ -29,9 +29,8 @@ from nnsight_sae.harvest import harvest
 from nnsight_sae.models import model_id, trace_options
 from nnsight_sae.options import Option
 from nnsight_sae.plots import pyplot, save_figure
-from nnsight_sae.tasks import get_task
 
-from .common import CorpusOptions, FeatureError, bind, clean_prefix, corpus_of, run_with_additions
+from .common import CorpusOptions, bind, clean_prefix, corpus_of, counterfactual_prompts, run_with_additions
 
 FRACTIONS = (0.5, 0.25, 0.1)
 
@@ -228,13 +227,7 @@ class FeaturePatching(Analysis):
 
     def run(self, *, model, dictionary, out_dir, options):
         attached = bind(model, dictionary)
-        task = get_task(options.task)
-        prompts = task.prompts(model.tokenizer, options.n_prompts, seed=options.seed, split=options.prompts)
-        usable = [i for i, cf in enumerate(prompts.counterfactual) if cf is not None]
-        if not usable:
-            raise FeatureError(f"task {options.task!r} has no counterfactual prompts; use ioi or greater-than, or "
-                               f"a task file with a \"counterfactual\" on every line")
-        prompts = prompts.subset(usable)  # pairs whose counterfactual has the prompt's token length
+        task, prompts = counterfactual_prompts(model, options)
         result = {"task": options.task, "model": model_id(model), "dictionary": dictionary.type_name,
                   **feature_patching(model, attached, task, prompts, pca_tokens=corpus_of(model, options),
                                      n_candidates=options.candidates)}

@@ -62,6 +62,22 @@ def ablation_effect(model, attached, tokens, rows: list[int], positions: list[in
     return (ablated.log_softmax(-1) - clean.log_softmax(-1)).mean(0)
 
 
+def top_contexts(tokenizer, tokens: torch.Tensor, a: torch.Tensor, n_contexts: int, *, before: int = 24,
+                 after: int = 4) -> tuple[list[dict], list[int], torch.Tensor]:
+    """The ``n_contexts`` corpus contexts where activations ``a`` (n, ctx_len) peak highest, each as
+    its tokens around the peak with their activations; also the rows chosen and each row's peak."""
+    best, where = a.max(1)
+    order = [r for r in best.argsort(descending=True).tolist() if best[r] > 0][:n_contexts]
+    out = []
+    for r in order:
+        p = int(where[r])
+        span = range(max(1, p - before), min(a.shape[1], p + after + 1))
+        out.append({"max_position": p - span.start, "activation": round(float(best[r]), 4),
+                    "tokens": [text_of(tokenizer, tokens[r, j].item()) for j in span],
+                    "activations": [round(float(a[r, j]), 4) for j in span]})
+    return out, order, where
+
+
 def feature_report(model, attached, tokens: torch.Tensor, features: list[int], *, n_contexts: int = 10,
                    before: int = 24, after: int = 4, n_tokens: int = 10, bins: int = 30) -> dict:
     """The report's data for each feature (see the module docstring)."""
@@ -82,16 +98,7 @@ def feature_report(model, attached, tokens: torch.Tensor, features: list[int], *
         edges = torch.linspace(0, max(top, 1e-6), bins + 1)
         entry["histogram"] = {"edges": [round(float(e), 4) for e in edges],
                               "counts": torch.histc(nonzero, bins, 0, max(top, 1e-6)).int().tolist()}
-        best, where = a.max(1)
-        order = [r for r in best.argsort(descending=True).tolist() if best[r] > 0][:n_contexts]
-        entry["contexts"] = []
-        for r in order:
-            p = int(where[r])
-            span = range(max(1, p - before), min(a.shape[1], p + after + 1))
-            entry["contexts"].append({
-                "max_position": p - span.start, "activation": round(float(best[r]), 4),
-                "tokens": [text_of(tok, tokens[r, j].item()) for j in span],
-                "activations": [round(float(a[r, j]), 4) for j in span]})
+        entry["contexts"], order, where = top_contexts(tok, tokens, a, n_contexts, before=before, after=after)
         if order:
             entry["ablation"] = top_tokens(tok, ablation_effect(model, attached, tokens, order,
                                                                  [int(where[r]) for r in order], f), n_tokens)
