@@ -254,6 +254,9 @@ def test_feature_circuit_bad_input(tiny_models, varied_task, counterfactual_task
              random_dictionary("mlp_in.1", type_name="transcoder", out_site="mlp_out.1")]
     with pytest.raises(FeatureError, match="two dictionaries write 'mlp_out.1'"):
         run_analysis("feature-circuit", dictionary=clash, **kw)
+    with pytest.raises(FeatureError, match="trained on 'openai-community/gpt2'"):
+        run_analysis("feature-circuit", dictionary=[random_dictionary("resid_post.0", model="openai-community/gpt2")],
+                     **kw)
     with pytest.raises(Exception, match="d_in=48 does not match"):
         run_analysis("feature-circuit", dictionary=[random_dictionary("resid_post.0", d_in=48)], **kw)
     with pytest.raises(FeatureError, match="named sites"):

@@ -23,11 +23,13 @@ averaged over prompts ("by token").
 
 Checks, as the paper makes them: faithfulness, the metric with only a node set kept and every
 other node mean-ablated (its mean over the positive prompts at the same position counted from
-the end; each prompt's first token, the attention sink, is never ablated), as a fraction of
-clean minus all-ablated; completeness, the same with the set ablated instead; both against the
-number of nodes kept (top nodes by |effect|), for the feature circuit, for the same search over
-the sites' neurons (the activation's coordinates, no dictionary) and for random node sets. And
-a sample of nodes patched one at a time to their counterfactual value, against their estimates.
+the end; or, ``ablation="counterfactual"``, its value on the prompt's own counterfactual; each
+prompt's first token, the attention sink, is never ablated), as a fraction of clean minus
+all-ablated; completeness, the same with the set ablated instead; both against the number of
+nodes kept (top nodes by |effect| averaged over the prompts, one set for all as in the paper, or
+each prompt's own), for the feature circuit, for the same search over the sites' neurons (the
+activation's coordinates, no dictionary) and for random node sets. And a sample of nodes
+patched one at a time to their counterfactual value, against their estimates.
 """
 
 from __future__ import annotations
@@ -53,7 +55,6 @@ from .report import top_contexts
 
 # where in a layer each kind of site sits, for ordering dictionaries along the forward pass
 KIND_ORDER = ("resid_pre", "attn_z", "attn_out", "resid_mid", "mlp_in", "mlp_post", "mlp_out", "resid_post")
-ERROR = -1  # the feature index of a site's error node
 REACH = 0.6  # the faithfulness the node counts are reported for
 
 
