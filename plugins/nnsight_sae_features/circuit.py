@@ -455,8 +455,8 @@ def check_estimates(model, task, prompts, measured: Measured, table: NodeTable, 
         for (j, _), lg in zip(items, logits):
             exact[j] = float(task.metric(lg, prompts).mean()) - clean
     estimate = table.effects[sample]
-    is_feature = torch.tensor([table.locate(int(flat))[1] != groups[table.locate(int(flat))[0]].d_sae
-                               for flat in sample])
+    located = [table.locate(int(flat)) for flat in sample]
+    is_feature = torch.tensor([slot != groups[g].d_sae for g, slot, _ in located])
     rows = [{"node": node_id(measured.groups, table, int(flat)), "estimate": round(float(e), 5),
              "exact": round(float(x), 5)} for flat, e, x in zip(sample, estimate, exact)]
     worst = sorted(rows, key=lambda r: -abs(r["estimate"] - r["exact"]))[:5]
