@@ -25,8 +25,9 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/python examples/demo.py
 
+# --durations: the slowest tests and fixtures end the log, where a run over time shows what to cut.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -1,5 +1,7 @@
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -12,8 +14,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # A fresh cache per test run, so each run converts the model and harvests for itself (shared by the
-# tests of that run, subprocesses included). NNSIGHT_SAE_TEST_CACHE=DIR reuses one while iterating.
-os.environ["NNSIGHT_SAE_CACHE"] = os.environ.get("NNSIGHT_SAE_TEST_CACHE") or tempfile.mkdtemp(prefix="nnsight-sae-")
+# tests of that run, subprocesses included), removed when the run ends: a full run harvests several
+# GB. NNSIGHT_SAE_TEST_CACHE=DIR reuses (and keeps) one while iterating.
+if os.environ.get("NNSIGHT_SAE_TEST_CACHE"):
+    os.environ["NNSIGHT_SAE_CACHE"] = os.environ["NNSIGHT_SAE_TEST_CACHE"]
+else:
+    os.environ["NNSIGHT_SAE_CACHE"] = tempfile.mkdtemp(prefix="nnsight-sae-")
+    atexit.register(shutil.rmtree, os.environ["NNSIGHT_SAE_CACHE"], ignore_errors=True)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 from nnsight_sae.testing import FAMILIES, load_tiny_model, tiny_prompts  # noqa: E402

@@ -45,6 +45,46 @@ def test_heldout_prompts_share_nothing_with_train(smol):
         get_task("ioi").prompts(smol.tokenizer, 4, split="test")
 
 
+def test_independent_task_files_are_the_scripts_output_and_share_nothing_with_the_tasks(smol, tmp_path):
+    """examples/tasks/*-independent.jsonl (the README's check of circuits against a user's own
+    prompts): what tools/make_task_files.py writes, every line usable on SmolLM2, nothing shared with
+    either built-in prompt set; IOI's metric is the logit difference, greater-than's log p(answer)."""
+    import random
+    import runpy
+    from pathlib import Path
+
+    import torch
+    from nnsight_sae_circuits import tasks
+
+    from nnsight_sae.heads import last_logits
+
+    root = Path(__file__).resolve().parents[1]
+    script = runpy.run_path(str(root / "tools" / "make_task_files.py"))
+    script["write"](tmp_path, "ioi-independent.jsonl", script["ioi_lines"](64, random.Random(0)))
+    script["write"](tmp_path, "greater-than-independent.jsonl", script["greater_than_lines"](64, random.Random(0)))
+    for name in ("ioi-independent.jsonl", "greater-than-independent.jsonl"):
+        assert (tmp_path / name).read_text() == (root / "examples" / "tasks" / name).read_text(), name
+    builtin = {
+        "NAMES": tasks.NAMES, "PLACES": tasks.PLACES, "OBJECTS": tasks.OBJECTS, "EVENTS": tasks.EVENTS,
+        "IOI_TEMPLATES": tasks.IOI_TEMPLATES, "CENTURIES": tasks.CENTURIES}
+    for key, lists in builtin.items():
+        assert not set(script[key]) & (set(lists["train"]) | set(lists["heldout"])), key
+    for name, metric in [("ioi", "logit difference"), ("greater-than", "log p")]:
+        task = get_task(str(root / "examples" / "tasks" / f"{name}-independent.jsonl"))
+        prompts = task.prompts(smol.tokenizer)
+        assert len(prompts) == 64 and prompts.skipped == 0, name
+        logits = last_logits(smol, prompts.positive[:8])
+        first = prompts.subset(range(8))
+        picked = logits.gather(-1, torch.tensor(first.answers)[:, None]).squeeze(-1)
+        if metric == "log p":
+            expected = picked - torch.logsumexp(logits, -1)
+        else:
+            expected = picked - logits.gather(-1, torch.tensor(first.wrong)[:, None]).squeeze(-1)
+        torch.testing.assert_close(task.metric(logits, first), expected)
+        negative = task.metric(last_logits(smol, first.negative), first)
+        assert (task.metric(logits, first) > negative).float().mean() >= 0.75, name
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_the_model_does_each_task_on_both_prompt_sets(smol, task):
     from nnsight_sae.heads import last_logits
