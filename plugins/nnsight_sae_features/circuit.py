@@ -442,20 +442,20 @@ def check_estimates(model, task, prompts, measured: Measured, table: NodeTable, 
     g = torch.Generator().manual_seed(seed)
     sample = torch.cat([top, rest[torch.randperm(len(rest), generator=g)[:n_nodes - len(top)]]])
     groups, enc = measured.groups, measured.enc
+    located = [table.locate(int(flat)) for flat in sample]  # (group, slot, position) of each
     by_group = {}
-    for j, flat in enumerate(sample.tolist()):
-        by_group.setdefault(table.locate(flat)[0], []).append((j, flat))
+    for j, node in enumerate(located):
+        by_group.setdefault(node[0], []).append(j)
     exact = torch.zeros(len(sample))
     clean = float(task.metric(measured.logits, prompts).mean())
     for gi, items in by_group.items():
-        changes = [node_change(measured, *table.locate(flat)) for _, flat in items]
+        changes = [node_change(measured, *located[j]) for j in items]
         logits = run_with_additions(model, enc, groups[gi].writes, lambda k: changes[k], len(items),
                                     lambda repeats: model.output.logits[:, -1], batch_size=batch_size,
                                     last_position=True)
-        for (j, _), lg in zip(items, logits):
+        for j, lg in zip(items, logits):
             exact[j] = float(task.metric(lg, prompts).mean()) - clean
     estimate = table.effects[sample]
-    located = [table.locate(int(flat)) for flat in sample]
     is_feature = torch.tensor([slot != groups[g].d_sae for g, slot, _ in located])
     rows = [{"node": node_id(measured.groups, table, int(flat)), "estimate": round(float(e), 5),
              "exact": round(float(x), 5)} for flat, e, x in zip(sample, estimate, exact)]
@@ -622,10 +622,8 @@ def node_contexts(model, groups: list[SiteNodes], nodes: list[dict], tokens: tor
 
 def feature_circuit(model, task, prompts, dictionaries, *, steps: int = 10, by_token: bool = False,
                     per_prompt: bool = False, ablation: str = "mean", node_threshold: float = 0.05,
-                    edge_threshold: float = 0.01,
-                    nodes_per_site: int = 12,
-                    check: int = 16, random_sets: int = 2, seed: int = 0, corpus: torch.Tensor | None = None,
-                    batch_size: int = 16) -> dict:
+                    edge_threshold: float = 0.01, nodes_per_site: int = 12, check: int = 16, random_sets: int = 2,
+                    seed: int = 0, corpus: torch.Tensor | None = None, batch_size: int = 16) -> dict:
     """The feature circuit of a task's prompts (with counterfactuals) through ``dictionaries``:
     node effects, graph nodes and edges, the faithfulness curves and the exact check (see the
     module docstring). ``corpus`` (n, ctx_len) tokens, if given, add each graph feature's
@@ -669,7 +667,7 @@ def feature_circuit(model, task, prompts, dictionaries, *, steps: int = 10, by_t
             "sites": [{"site": g.name, "type": g.attached.dictionary.type_name, "d_sae": g.d_sae,
                        "reads": g.reads.name} for g in groups],
             "metric_clean": round(metric_clean, 6), "metric_counterfactual": round(metric_cf, 6),
-            "effects_sum": estimated, "n_active_nodes": int((table.effects != 0).sum()),
+            "effects_sum": estimated, "n_active_nodes": table.n_active,
             "node_threshold": node_threshold, "edge_threshold": edge_threshold,
             "nodes": nodes, "edges": edges, "curves": curve, "reach": {"faithfulness": REACH, "nodes": reach},
             "check": checked, "seconds": seconds}
