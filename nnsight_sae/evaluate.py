@@ -126,6 +126,7 @@ def evaluate(model, dictionaries: list[Dictionary], tokens: torch.Tensor, *,
             clean = model.output.logits.save()
         ce, n = _next_token_ce(clean, ids, mask)
         ce_clean, n_tokens = ce_clean + ce, n_tokens + n
+        zero_ce = {}  # site -> CE with it zeroed: dictionaries writing one site share the pass
         for a, ac in zip(attached, acc):
             x = saved[a.site.name]
             ac.add_activations(x, saved[a.out_site.name] if a.out_site else x, where.to(x.device))
@@ -135,13 +136,15 @@ def evaluate(model, dictionaries: list[Dictionary], tokens: torch.Tensor, *,
                 else:
                     a.splice(error=False, mask=where)
                 spliced = model.output.logits.save()
-            with model.trace(inputs, **trace_options(model)):
-                zero_site = a.out_site or a.site
-                current = zero_site.read()
-                zero_site.write(at_positions(where, torch.zeros_like(current), current))
-                zeroed = model.output.logits.save()
+            zero_site = a.out_site or a.site
+            if zero_site.name not in zero_ce:
+                with model.trace(inputs, **trace_options(model)):
+                    current = zero_site.read()
+                    zero_site.write(at_positions(where, torch.zeros_like(current), current))
+                    zeroed = model.output.logits.save()
+                zero_ce[zero_site.name] = _next_token_ce(zeroed, ids, mask)[0]
             ac.ce["spliced"] += _next_token_ce(spliced, ids, mask)[0]
-            ac.ce["zero"] += _next_token_ce(zeroed, ids, mask)[0]
+            ac.ce["zero"] += zero_ce[zero_site.name]
             ac.kl += _kl(clean, spliced, ids, mask)
         bar.update(len(ids))
     bar.close()

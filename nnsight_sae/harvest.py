@@ -112,16 +112,19 @@ class ActivationStore:
 
     @classmethod
     def cached(cls, model, sites, tokens, *, cache_root, key_info: dict, **kw) -> "ActivationStore":
-        """The store for this model, sites and tokens from ``cache_root``, harvested once."""
-        digest = hashlib.sha256(json.dumps({**key_info, "sites": sorted(sites),
-                                            "tokens": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()},
-                                           sort_keys=True).encode()).hexdigest()[:20]
+        """The store for this model, sites and tokens from ``cache_root``, harvested once; a store
+        of more sites on the same tokens serves any of its sites."""
+        info = {**key_info, "tokens": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
+        digest = hashlib.sha256(json.dumps({**info, "sites": sorted(sites)}, sort_keys=True).encode()).hexdigest()[:20]
         folder = Path(cache_root) / digest
-        if (folder / "meta.json").exists():
-            store = cls(folder)
-            if set(sites) <= set(store.sites):
-                return store
-        return cls.build(folder, model, sites, tokens, info=key_info, **kw)
+        others = [m.parent for m in sorted(Path(cache_root).glob("[!.]*/meta.json")) if m.parent != folder]
+        for candidate in [folder, *others]:
+            if (candidate / "meta.json").exists():
+                store = cls(candidate)
+                # the folder named by the digest is these tokens' (caches older than the stored token digest)
+                if set(sites) <= set(store.sites) and (candidate == folder or store.info == info):
+                    return store
+        return cls.build(folder, model, sites, tokens, info=info, **kw)
 
     def rows(self, site: str, index) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(self._arrays[site][index]))

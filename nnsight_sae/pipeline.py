@@ -61,6 +61,8 @@ class RunSpec:
     batch_size: int = 256
     buffer_rows: int = 65_536
     harvest_batch: int = 8
+    # further sites harvested with the dictionaries' own, so that several runs share one harvest
+    harvest_sites: list[str] = field(default_factory=list)
 
 
 def token_contexts(model, spec: DataSpec, *, held_out: bool) -> torch.Tensor:
@@ -137,7 +139,8 @@ def train_and_evaluate(model, data: DataSpec, run: RunSpec, config: dict, out: s
     for i, d in enumerate(dictionaries):  # each dictionary's start depends only on the seed and its index
         d.reset_parameters(seed=seed * 1000 + i)
     sites = sorted({s for d in dictionaries for s in (d.site, d.out_site) if s})
-    store = activation_store(model, sites, data, harvest_batch=run.harvest_batch, progress=progress)
+    store = activation_store(model, sorted(set(sites) | set(run.harvest_sites)), data,
+                             harvest_batch=run.harvest_batch, progress=progress)
     t_harvest = time.perf_counter() - t0
     steps = sum(store.batches_per_epoch(run.batch_size, buffer_rows=run.buffer_rows, seed=seed, epoch=e)
                 for e in range(run.epochs))

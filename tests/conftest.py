@@ -81,13 +81,12 @@ def train_cli():
 
 @pytest.fixture(scope="session")
 def smol_resid6(tmp_path_factory):
-    """TopK (k 32) and ReLU SAEs, d_sae 4608, on SmolLM2's resid_post.6 over 300k tokens x 3 epochs
-    (several minutes), shared by the quality bars and the feature analyses. One run, two dictionaries
-    in lockstep; each dictionary's data order and initialisation depend only on the seed, so the topk
-    one is what `nnsight-sae train --type topk --site resid_post.6 --tokens 300000 --epochs 3
-    --d-sae 4608 --corpus code` gives (code: the figures in the README's quality and feature tables
-    are on it). Returns the run folder (NNSIGHT_SAE_TEST_RESID6=DIR reuses one while iterating)."""
-    return _shared_run(tmp_path_factory, "NNSIGHT_SAE_TEST_RESID6", "--type", "topk,relu", "--site", "resid_post.6",
+    """A TopK SAE (k 32, d_sae 4608) on SmolLM2's resid_post.6 over 300k tokens x 3 epochs (several
+    minutes), shared by the quality bar and the feature analyses: `nnsight-sae train --type topk
+    --site resid_post.6 --tokens 300000 --epochs 3 --d-sae 4608 --corpus code` (code: the figures
+    in the README's quality and feature tables are on it). Returns the run folder
+    (NNSIGHT_SAE_TEST_RESID6=DIR reuses one while iterating)."""
+    return _shared_run(tmp_path_factory, "NNSIGHT_SAE_TEST_RESID6", "--type", "topk", "--site", "resid_post.6",
                        "--tokens", 300_000, "--epochs", 3, "--d-sae", 4608, "--corpus", "code")
 
 

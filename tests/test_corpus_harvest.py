@@ -149,6 +149,25 @@ def test_store_is_aligned_shuffled_deterministic_and_resumable(tiny_models, tmp_
     assert len(torch.unique(seen, dim=0)) == len(seen)
 
 
+def test_a_cached_harvest_serves_any_of_its_sites_on_the_same_tokens(tiny_models, tmp_path):
+    model = tiny_models("gpt2")
+    ids = _ids(model)
+
+    def cached(sites, tokens=ids, **info):
+        return ActivationStore.cached(model, sites, tokens, cache_root=tmp_path, key_info={"model": "m", **info},
+                                      progress=False)
+
+    both = cached(["mlp_in.1", "mlp_out.1"])
+    assert cached(["mlp_out.1"]).folder == both.folder == cached(["mlp_out.1", "mlp_in.1"]).folder
+    # other tokens, other key (corpus, BOS handling, ...) or a site it lacks: a harvest of its own
+    assert cached(["mlp_out.1"], tokens=_ids(model, n=5)).folder != both.folder
+    assert cached(["mlp_out.1"], corpus="prose").folder != both.folder
+    wider = cached(["mlp_out.1", "resid_post.0"])
+    assert wider.folder != both.folder and len(list(tmp_path.glob("*/meta.json"))) == 4
+    torch.testing.assert_close(next(wider.batches(8, seed=1, sites=["mlp_out.1"]))["mlp_out.1"],
+                               next(both.batches(8, seed=1, sites=["mlp_out.1"]))["mlp_out.1"], rtol=0, atol=0)
+
+
 def test_oversized_buffer_is_refused(tiny_models, tmp_path):
     model = tiny_models("gpt2")
     store = ActivationStore.build(tmp_path / "s", model, ["resid_post.0"], _ids(model), progress=False)

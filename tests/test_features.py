@@ -289,29 +289,43 @@ def test_de_embedding_ranks_the_token_a_transcoder_feature_reads(tiny_models, tm
                      features=[1])
 
 
-def test_tc_vs_sae_sweep(tiny_models, corpus, tmp_path):
+def test_tc_vs_sae_sweep(tiny_models, corpus, tmp_path, monkeypatch):
     from nnsight_sae import load_dictionary
 
     model = tiny_models("llama")
+    monkeypatch.setenv("NNSIGHT_SAE_CACHE", str(tmp_path / "cache"))  # to count the harvests
     tc = random_dictionary("mlp_in.1", type_name="transcoder", out_site="mlp_out.1")
     out = tmp_path / "sweep"
-    r = run_analysis("tc-vs-sae", model=model, dictionary=tc, out_dir=out, l1=[1e-3, 1.0], tokens=3000,
-                     ctx_len=40, eval_tokens=200, data=corpus)
+    r = run_analysis("tc-vs-sae", model=model, dictionary=tc, out_dir=out, l1=[1e-3, 3.0], sae_l1=[1e-3, 3.0, 10.0],
+                     layers=[0, 1], tokens=6000, ctx_len=40, eval_tokens=200, data=corpus)
     assert json.loads((out / "tc-vs-sae.json").read_text()) == r
     assert (out / "tc-vs-sae.png").stat().st_size > 5000
-    assert [(p["type"], p["l1_coefficient"]) for p in r["points"]] == [
-        ("transcoder", 1e-3), ("relu", 1e-3), ("transcoder", 1.0), ("relu", 1.0)]
+    assert r["layers"] == [0, 1] and r["penalties"] == {"transcoder": [1e-3, 3.0], "relu": [1e-3, 3.0, 10.0]}
+    assert [(p["layer"], p["type"], p["l1_coefficient"]) for p in r["points"]] == [
+        (layer, kind, penalty) for layer in (0, 1) for kind, penalties in r["penalties"].items()
+        for penalty in penalties]
+    # one harvest (every layer's MLP input and output) for all ten dictionaries
+    (harvest,) = (tmp_path / "cache" / "activations").glob("*/meta.json")
+    assert sorted(json.loads(harvest.read_text())["shapes"]) == ["mlp_in.0", "mlp_in.1", "mlp_out.0", "mlp_out.1"]
     assert len({round(p["ce_clean"], 6) for p in r["points"]}) == 1  # every point scored on the same tokens
-    for kind in ("transcoder", "relu"):
-        weak, strong = [p for p in r["points"] if p["type"] == kind]
-        assert strong["l0"] < weak["l0"]  # a larger penalty, fewer active features
+    for layer in (0, 1):
+        for kind in ("transcoder", "relu"):
+            weak, strong = [p for p in r["points"] if p["type"] == kind and p["layer"] == layer][:2]
+            assert strong["l0"] < weak["l0"]  # a larger penalty, fewer active features
+        matched = [m for m in r["matched_l0"] if m["layer"] == layer]
+        assert set(r["mean_difference_at_matched_l0"]) == ({str(layer)} if matched else set())
     for p in r["points"]:
         d = load_dictionary(out / "dictionaries" / p["folder"])
-        assert d.d_sae == 64 and d.site == ("mlp_in.1" if p["type"] == "transcoder" else "mlp_out.1")
+        assert d.d_sae == 64 and d.site == f"{'mlp_in' if p['type'] == 'transcoder' else 'mlp_out'}.{p['layer']}"
     with pytest.raises(FeatureError, match="compares dictionaries on one MLP"):
         run_analysis("tc-vs-sae", model=model, dictionary=random_dictionary("resid_post.1"), out_dir=tmp_path / "x")
     with pytest.raises(FeatureError, match="--l1 needs positive penalties"):
         run_analysis("tc-vs-sae", model=model, dictionary=tc, out_dir=tmp_path / "x", l1=[0.0])
+    with pytest.raises(FeatureError, match="--sae-l1 needs positive penalties"):
+        run_analysis("tc-vs-sae", model=model, dictionary=tc, out_dir=tmp_path / "x", sae_l1=[0.0])
+    with pytest.raises(SiteError):
+        run_analysis("tc-vs-sae", model=model, dictionary=tc, out_dir=tmp_path / "x", layers=[1, 9])
+    assert not (tmp_path / "x").exists()
 
 
 def test_matched_l0_interpolates_in_log_l0():

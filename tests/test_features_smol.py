@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def topk6(smol_resid6):
     """The quality bars' TopK SAE on resid_post.6 (d_sae 4608, k 32, 300k tokens x 3 epochs)."""
-    return smol_resid6 / "topk-resid_post.6-4608"
+    return smol_resid6
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,13 @@ def evaluation(folder):
     return ev
 
 
-def test_topk_and_relu_on_resid_post_6(smol_resid6):
-    tmp_path = smol_resid6
-    topk = evaluation(tmp_path / "topk-resid_post.6-4608")
+def test_topk_on_resid_post_6(smol_resid6):
+    topk = evaluation(smol_resid6)
     # the bar, from a plain 40-line TopK loop on the same budget: FVU 0.09, +0.16 nats, 0.98 recovered
     assert topk["fvu"] <= 0.12
     assert topk["ce_increase"] <= 0.25
     assert topk["ce_loss_recovered"] >= 0.95
     assert topk["l0"] == pytest.approx(32, abs=0.01)
-    relu = evaluation(tmp_path / "relu-resid_post.6-4608")
-    # measured: L0 63, FVU 0.107, CE +0.158, recovered 0.986 (and in an earlier run 64, 0.106, +0.173, 0.985)
-    assert relu["fvu"] <= 0.13 and relu["ce_increase"] <= 0.22 and relu["ce_loss_recovered"] >= 0.975
-    assert relu["l0"] <= 90
 
 
 LAYERS = (0, 3, 10, 20)
@@ -124,3 +119,33 @@ def _walk(tree):
     yield tree
     for c in tree.get("children", []):
         yield from _walk(c)
+
+
+def test_transcoders_against_saes_at_matched_l0(smol, tmp_path):
+    """Issue 18 part 3, small (the README's sweep: three layers, 300k tokens x 3 epochs): at MLP 10,
+    on the transcoders fixture's harvest (150k tokens; 2 epochs), one transcoder and two ReLU SAEs on
+    the MLP's output with penalties that bracket its L0. The sweep's contract (points, plot, every
+    dictionary saved), the two families' L0 ranges overlap so there is a matched-L0 point, and both
+    learn."""
+    from nnsight_sae import load_dictionary, run_analysis
+    from nnsight_sae.testing import random_dictionary
+
+    given = random_dictionary("mlp_in.10", type_name="transcoder", out_site="mlp_out.10", d_in=576, d_sae=4608)
+    out = tmp_path / "sweep"
+    r = run_analysis("tc-vs-sae", model=smol, dictionary=given, out_dir=out, l1=[5e-4], sae_l1=[1e-3, 8e-3],
+                     tokens=150_000, epochs=2, eval_tokens=4096, corpus="code")
+    print(json.dumps(r["points"]), json.dumps(r["matched_l0"]))
+    assert json.loads((out / "tc-vs-sae.json").read_text()) == r and (out / "tc-vs-sae.png").stat().st_size > 10_000
+    tc, *saes = r["points"]
+    assert (tc["type"], [s["type"] for s in saes]) == ("transcoder", ["relu", "relu"])
+    for p in r["points"]:
+        assert load_dictionary(out / "dictionaries" / p["folder"]).d_sae == 4608
+    # the SAEs' L0 range holds the transcoder's, so the comparison at matched L0 exists
+    assert saes[1]["l0"] < tc["l0"] < saes[0]["l0"]
+    (matched,) = r["matched_l0"]
+    assert matched["layer"] == 10 and r["mean_difference_at_matched_l0"] == {"10": matched["difference"]}
+    # both families learn: well below the mean's FVU of 1, at a small cost to the next-token loss.
+    # Measured: transcoder L0 60.6 / FVU 0.356 / +0.065; SAEs L0 373 / 0.142 / +0.032 and 26.8 / 0.430
+    # / +0.091; at L0 60.6 the SAEs interpolate to +0.073 (the transcoder better by 0.008).
+    assert tc["fvu"] <= 0.45 and max(s["fvu"] for s in saes) <= 0.55
+    assert max(p["ce_increase"] for p in r["points"]) <= 0.15

@@ -72,6 +72,24 @@ def test_one_transcoder_matches_evaluate(tiny_models, tokens):
     assert r["ce_clean"] == pytest.approx(ev["ce_clean"], rel=1e-5)
 
 
+def test_evaluating_together_equals_evaluating_alone(tiny_models, tokens):
+    """evaluate() shares the clean pass, and the zeroed pass between dictionaries writing one site
+    (a transcoder and an SAE on mlp_out.1); each result equals the dictionary's own evaluation."""
+    model = tiny_models("llama")
+    relu = create_dictionary("relu", d_in=32, d_sae=64, site="mlp_out.1")
+    resid = create_dictionary("topk", d_in=32, d_sae=64, site="resid_post.0", k=4)
+    for seed, d in enumerate((relu, resid), start=1):
+        d.reset_parameters(seed)
+    dictionaries = [transcoder(1), relu, resid]
+    together = evaluate(model, dictionaries, tokens, progress=False)
+    for d, got in zip(dictionaries, together):
+        alone = evaluate(model, [d], tokens, progress=False)[0]
+        assert got.keys() == alone.keys()
+        for key, value in alone.items():
+            assert got[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), key
+    assert together[0]["ce_zero_ablation"] == together[1]["ce_zero_ablation"] != together[2]["ce_zero_ablation"]
+
+
 def test_bad_input(tiny_models, tokens):
     model = tiny_models("llama")
     sae = create_dictionary("topk", d_in=32, d_sae=64, site="resid_post.1", k=4)
