@@ -1,4 +1,4 @@
-"""Transcoders against SAEs on one MLP (Dunefsky et al. 2024, sparsity-fidelity): over a sweep
+"""Transcoders against SAEs on MLPs (Dunefsky et al. 2024, sparsity-fidelity): over a sweep
 of sparsity penalties, a transcoder (MLP input -> MLP output, the MLP replaced) and an SAE on
 the MLP's output (the output reconstructed), trained on the same tokens, scored by next-token
 CE against L0."""
