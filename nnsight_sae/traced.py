@@ -114,6 +114,11 @@ def at_positions(mask, new, old):
     return torch.where(mask.reshape(*mask.shape, *([1] * (new.dim() - mask.dim()))), new, old)
 
 
+def toward(r, z, alpha, mask):
+    """z moved to ``alpha`` of the way from r (1: z itself) where mask (batch, pos, 1) is 1."""
+    return z + ((1 - alpha) * mask.to(z.device) * (r.to(z.device, torch.float32) - z.float())).to(z.dtype)
+
+
 class Attached:
     """A dictionary bound to its site(s) in one model, for use inside traces.
 

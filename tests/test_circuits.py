@@ -127,12 +127,38 @@ def test_attribution_verifies_its_top_candidates_by_patching(tiny_models, task_f
     verified[top4] = True
     torch.testing.assert_close(effect.flatten()[verified], exact.flatten()[verified], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(effect.flatten()[~verified], estimate.flatten()[~verified])
-    assert c["options"] == {"verify": 4} and c["seconds"]["verify"] > 0
+    assert c["options"] == {"steps": 0, "verify": 4} and c["seconds"]["verify"] > 0
     # a subset of heads measured alone gets the same effects as in the full sweep
     some = torch.zeros_like(verified).view(exact.shape)
     some[1, 2] = some[2, 0] = True
     torch.testing.assert_close(ablation_effects(model, task, prompts, heads=some, progress=False),
                                torch.where(some, exact, torch.zeros_like(exact)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("ablation", ["mean", "resample"])
+def test_integrated_attribution_adds_up_to_ablating_every_head(tiny_models, task_file, tmp_path, ablation):
+    """With ``steps`` N the estimates integrate the gradient between every head ablated and none: they
+    add up to the metric's drop with all heads ablated (the midpoint rule's error falls as 1/N^2),
+    which the plain gradient's do not."""
+    from nnsight_sae.heads import keep_only_metric
+    from nnsight_sae_circuits.attribution import attribution_effects
+
+    model = tiny_models("llama")
+    task = get_task(task_file)
+    prompts = task.prompts(model.tokenizer, 20)
+    plain = attribution_effects(model, task, prompts, ablation=ablation)
+    L, H = plain.shape
+    drop = float((keep_only_metric(model, task, prompts, torch.ones(L, H, dtype=torch.bool), ablation=ablation)
+                  - keep_only_metric(model, task, prompts, torch.zeros(L, H, dtype=torch.bool),
+                                     ablation=ablation)).mean())
+    errors = [abs(float(attribution_effects(model, task, prompts, ablation=ablation, steps=n).sum()) - drop)
+              for n in (2, 8, 32)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.01 * abs(drop), (errors, drop)
+    assert abs(float(plain.sum()) - drop) > 10 * errors[2]
+    c = run_circuit(model, task_file, tmp_path, n_prompts=20, options={"steps": 8}, ablation=ablation, n_random=1,
+                    progress=False)
+    assert c["options"] == {"steps": 8, "verify": 0}
+    assert sum(h["effect"] for h in c["heads"]) == pytest.approx(drop, abs=0.1 * abs(drop))
 
 
 def test_circuit_ablates_as_its_reference_does(tiny_models, task_file, tmp_path):

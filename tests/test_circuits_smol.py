@@ -1,5 +1,8 @@
-"""Circuit discovery on the embedded SmolLM2 (slow: about 12 minutes on 2 cores, mostly the three
-patching references). The figures are in the README's circuits table."""
+"""Circuit discovery on the embedded SmolLM2 (slow: about 8 minutes on 2 cores, mostly two patching
+references). The figures are in the README's circuits tables. IOI is checked against its reference
+here; the same comparison on greater-than and docstring (about 9 minutes more, mostly their
+references) is the README's documented command, `nnsight-sae reference --task T --out R` then
+`nnsight-sae circuit --task T [--prompts heldout] --reference R --out C`, whose figures it records."""
 
 import pytest
 
@@ -13,17 +16,11 @@ TASKS = ["ioi", "greater-than", "docstring"]
 
 
 @pytest.fixture(scope="module")
-def references(smol, tmp_path_factory):
-    """task -> folder of its reference.json (40 train prompts, top 20 heads), computed once."""
-    folders = {}
-
-    def get(task):
-        if task not in folders:
-            folders[task] = tmp_path_factory.mktemp(f"reference-{task}")
-            run_reference(smol, task, folders[task], progress=False)
-        return folders[task]
-
-    return get
+def ioi_reference(smol, tmp_path_factory):
+    """The folder of IOI's reference.json (40 train prompts, top 20 heads), computed once."""
+    folder = tmp_path_factory.mktemp("reference-ioi")
+    run_reference(smol, "ioi", folder, progress=False)
+    return folder
 
 
 def test_heldout_prompts_share_nothing_with_train(smol):
@@ -96,10 +93,8 @@ def test_the_model_does_each_task_on_both_prompt_sets(smol, task):
         assert positive.mean() > 0.3 and (positive > 0).float().mean() >= 0.8, (split, positive)
 
 
-@pytest.mark.parametrize("task", TASKS)
-def test_default_method_recovers_the_reference_on_unseen_prompts(smol, references, task, tmp_path):
-    reference = references(task)
-    results = {}
+def test_default_method_recovers_the_reference_on_unseen_prompts(smol, ioi_reference, tmp_path):
+    task, reference, results = "ioi", ioi_reference, {}
     for split in ("train", "heldout"):
         c = run_circuit(smol, task, tmp_path / split, split=split, reference=reference, n_random=3)
         assert c["method"] == "attribution"
@@ -107,8 +102,7 @@ def test_default_method_recovers_the_reference_on_unseen_prompts(smol, reference
         f = c["faithfulness"]
         # the top heads alone keep more of the task than any random set of as many heads
         assert min(f["top_k"], f["top_k_positive"]) > max(f["random_k"]) + 0.1, (split, f)
-        if task != "docstring":  # docstring's circuit is wider than 20 heads (README: the reference's own top 20 keep 43%)
-            assert f["top_k_positive"] >= 0.6 and f["random_k_mean"] <= 0.1, (split, f)
+        assert f["top_k_positive"] >= 0.6 and f["random_k_mean"] <= 0.1, (split, f)
         results[split] = c
 
     baseline = run_circuit(smol, task, tmp_path / "mean-diff", method="mean-diff", split="heldout",
@@ -116,16 +110,19 @@ def test_default_method_recovers_the_reference_on_unseen_prompts(smol, reference
     assert results["heldout"]["metrics"]["roc_auc"] > baseline["metrics"]["roc_auc"]
 
 
-def test_verified_attribution_keeps_ioi_as_the_reference_does(smol, references, tmp_path):
-    """On IOI's train prompts, attribution with its top 40 heads verified by patching keeps as much
-    of the task as the reference's own positive heads, within 10 points at k = 20, 40, 80. (Where
-    this does not hold, greater-than and docstring, the README says by how much and why.)"""
-    c = run_circuit(smol, "ioi", tmp_path, reference=references("ioi"), options={"verify": 40}, n_random=1,
-                    curve=[20, 40, 80])
-    assert c["seconds"]["verify"] > 0
-    for row in c["faithfulness"]["curve"]:
-        assert row["top_k_positive"] >= row["reference_top_k_positive"] - 0.10, row
-    assert c["metrics"]["roc_auc_top"]["10"] >= 0.99
+def test_integrated_attribution_keeps_ioi_as_the_reference_does(smol, ioi_reference, tmp_path):
+    """Issue 18 part 4 on IOI: attribution with the gradient integrated over 2 points (``steps``)
+    keeps as much of the task as the reference's own positive heads, within 10 points at k = 20,
+    40 and 80, on train and held-out prompts (measured: train 113% / 124% / 125% against the
+    reference's 119% / 121% / 133%; held-out 146% / 162% / 158% against 146% / 112% / 129%). The
+    plain gradient misses by up to 33 points on train prompts (95% / 112% / 100%); the README has
+    greater-than and docstring."""
+    for split in ("train", "heldout"):
+        c = run_circuit(smol, "ioi", tmp_path / split, split=split, reference=ioi_reference, options={"steps": 2},
+                        n_random=1, curve=[20, 40, 80])
+        for row in c["faithfulness"]["curve"]:
+            assert row["top_k_positive"] >= row["reference_top_k_positive"] - 0.10, (split, row)
+        assert c["metrics"]["roc_auc_top"]["10"] >= 0.95, (split, c["metrics"])
 
 
 def test_default_method_follows_a_reference_of_another_ablation(smol, tmp_path):

@@ -77,6 +77,7 @@ def _analyses(tmp_path, corpus, counterfactual_task, task_file):
                                                      progress=False),
         "reference": lambda m, out: run_reference(m, task_file, out, n_prompts=12, top=4, progress=False),
         "attribution": lambda m, out: run_circuit(m, task_file, out, method="attribution", n_prompts=12),
+        "integrated-attribution": lambda m, out: run_circuit(m, task_file, out, options={"steps": 2}, n_prompts=12),
         "code-overlap": lambda m, out: run_circuit(m, task_file, out, method="code-overlap", n_prompts=12),
         "feature-patching": lambda m, out: run_analysis(
             "feature-patching", model=m, dictionary=random_dictionary("resid_post.1"), out_dir=out,
@@ -93,7 +94,7 @@ def _analyses(tmp_path, corpus, counterfactual_task, task_file):
     }
 
 
-ANALYSES = ["harvest", "evaluate", "replacement", "reference", "attribution", "code-overlap",
+ANALYSES = ["harvest", "evaluate", "replacement", "reference", "attribution", "integrated-attribution", "code-overlap",
             "feature-patching", "causal-tree", "feature-report", "feature-circuit"]
 
 

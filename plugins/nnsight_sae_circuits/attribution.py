@@ -1,6 +1,6 @@
 """Attribution patching per head (the default circuit method): the first-order estimate of
-each head's ablation effect, from one forward and backward pass per batch, its top candidates
-verified by exact patching."""
+each head's ablation effect, from one forward and backward pass per batch, or its integral along
+the path to every head ablated; optionally its top candidates verified by exact patching."""
 
 from __future__ import annotations
 
@@ -10,52 +10,91 @@ import nnsight
 import torch
 
 from nnsight_sae.circuits import CircuitMethod
-from nnsight_sae.heads import ablation_effects, encode_pair, last_logits_of, replacements, rows_of
+from nnsight_sae.heads import ablation_effects, encode_pair, replacements, rows_of
 from nnsight_sae.models import trace_options
 from nnsight_sae.options import Option, Options
 from nnsight_sae.sites import n_layers, resolve_site
+from nnsight_sae.traced import toward
 
 
-def attribution_effects(model, task, prompts, *, ablation: str = "mean", batch_size: int = 16) -> torch.Tensor:
+def attribution_effects(model, task, prompts, *, ablation: str = "mean", steps: int = 0,
+                        batch_size: int = 16) -> torch.Tensor:
     """(n_layers, n_heads): attribution patching, the first-order estimate of
-    ``ablation_effects`` with the same ``ablation``: -(replacement - z) . d metric / d z
-    per head, summed over positions and averaged over prompts. Per batch: a forward pass for d metric / d logits,
-    then one forward and backward pass."""
-    L = n_layers(model)
-    sites = [resolve_site(model, f"head_out.{layer}") for layer in range(L)]
-    H = sites[0].n_heads
+    ``ablation_effects`` with the same ``ablation``: (z - replacement) . d metric / d z per head,
+    summed over positions and averaged over prompts. ``steps`` N > 0 integrates instead
+    (integrated gradients along the path that moves every head at once from its replacement to its
+    clean output: each head's input becomes a z + (1 - a) r at a = (i + 0.5) / N, the midpoints);
+    the effects then add up to the metric's drop with every head ablated. Per batch and point:
+    a forward pass for d metric / d logits, then one forward and backward pass."""
+    sites = sites_of(model)
+    L, H = len(sites), sites[0].n_heads
     pos, neg = encode_pair(model, prompts)
     width = pos.input_ids.shape[1]
     replaced = replacements(model, prompts, ablation, neg, batch_size=batch_size)
+    alphas = [(i + 0.5) / steps for i in range(steps)] if steps else [1.0]
     effects = torch.zeros(L, H)
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(len(prompts), start + batch_size)))
         enc = {"input_ids": pos.input_ids[idx], "attention_mask": pos.attention_mask[idx]}
-        # d metric / d logits first, here: the task's metric is any Python, which cannot run on NDIF
-        with torch.enable_grad():
-            logits = last_logits_of(model, enc).requires_grad_()
-            task.metric(logits, prompts.subset(idx)).sum().backward()
-        # NDIF runs models with frozen weights: the graph starts at the heads' inputs. (No comment
-        # lines inside this block: nnsight's remote path re-parses it without them and then finds
-        # the nested backward block by line number.)
-        with model.trace(enc, **trace_options(model, last_position=True)):
-            zs, grads = nnsight.save([]), nnsight.save([])
-            for site in sites:
-                zs.append(site.envoy.input.requires_grad_())
-            metric = (model.output.logits[:, -1].float() * logits.grad.to(model.output.logits.device)).sum()
-            with metric.backward():
-                for z in reversed(zs):  # the backward pass reaches the last layer first
-                    grads.append(z.grad)
-        grads.reverse()
         mask = enc["attention_mask"][..., None].float()
-        for layer in range(L):
-            delta = (rows_of(replaced[layer], idx) - zs[layer].detach().float().cpu()) * mask  # (b, p, H*dh)
-            contrib = (delta * grads[layer].float().cpu()).reshape(len(idx), width, H, -1).sum(dim=(1, 3))
-            effects[layer] -= contrib.sum(0)
+        rs = [rows_of(r, idx) for r in replaced]
+        for alpha in alphas:
+            logit_grad = _metric_gradient(model, sites, task, prompts.subset(idx), enc, rs, mask, alpha)
+            zs, grads = _head_gradients(model, sites, enc, rs, mask, alpha, logit_grad)
+            for layer in range(L):
+                delta = (zs[layer] - rs[layer]) * mask  # (b, p, H*dh)
+                contrib = (delta * grads[layer]).reshape(len(idx), width, H, -1).sum(dim=(1, 3))
+                effects[layer] += contrib.sum(0) / len(alphas)
     return effects / len(prompts)
 
 
+@torch.no_grad()
+def _metric_gradient(model, sites, task, prompts, enc, rs, mask, alpha):
+    """d sum(metric) / d last logits (n, vocab) at the point alpha, computed here: the task's
+    metric is any Python, which cannot run on NDIF."""
+    with model.trace(enc, **trace_options(model, last_position=True)):
+        if alpha != 1.0:
+            for site, r in zip(sites, rs):
+                site.envoy.input = toward(r, site.envoy.input, alpha, mask)
+        logits = model.output.logits[:, -1].save()
+    with torch.enable_grad():
+        logits = logits.float().cpu().requires_grad_()
+        task.metric(logits, prompts).sum().backward()
+    return logits.grad
+
+
+def _head_gradients(model, sites, enc, rs, mask, alpha, logit_grad):
+    """Per layer, the heads' clean-path inputs z at the point alpha and d (logits . logit_grad) / d
+    of the mixed input, both (b, p, H*dh) on CPU in float32."""
+    sites = sites_of(model)
+    # NDIF runs models with frozen weights: the graph starts at the heads' inputs. (No comment
+    # lines inside this block: nnsight's remote path re-parses it without them and then finds
+    # the nested backward block by line number.)
+    with model.trace(enc, **trace_options(model, last_position=True)):
+        zs, mixed, grads = nnsight.save([]), [], nnsight.save([])
+        for site, r in zip(sites, rs):
+            z = site.envoy.input.requires_grad_()
+            zs.append(z)
+            if alpha != 1.0:
+                z = toward(r, z, alpha, mask)
+                site.envoy.input = z
+            mixed.append(z)
+        metric = (model.output.logits[:, -1].float() * logit_grad.to(model.output.logits.device)).sum()
+        with metric.backward():
+            for z in reversed(mixed):
+                grads.append(z.grad)
+    grads.reverse()
+    return [z.detach().float().cpu() for z in zs], [g.float().cpu() for g in grads]
+
+
+def sites_of(model):
+    """Every layer's ``head_out`` site."""
+    return [resolve_site(model, f"head_out.{layer}") for layer in range(n_layers(model))]
+
+
 class AttributionOptions(Options):
+    steps = Option(int, 0, "integrate the gradient over N points between every head ablated and none "
+                           "(integrated gradients; 0: the gradient at the clean run alone)", min=0)
     verify = Option(int, 0, "re-score the top N heads by |estimate| with exact single-head patching "
                             "(each costs what it costs in the reference; 0: the estimate alone)", min=0)
 
@@ -66,7 +105,8 @@ class Attribution(CircuitMethod):
     ``verify`` N, the N heads of largest |estimate| are then patched one at a time and get their
     exact effect: the estimate as a prefilter, patching to verify, as Kramár et al. 2024 use
     attribution patching (arXiv:2403.00745; their QK fix and GradDrop are not done here).
-    The default method."""
+    With ``steps`` N, integrated gradients over N points between every head ablated and none
+    (``attribution_effects``). The default method."""
 
     name = "attribution"
     help = "attribution patching per head (optionally its top candidates verified by patching); the default"
@@ -76,7 +116,7 @@ class Attribution(CircuitMethod):
 
     def score_heads(self, model, task, prompts, *, train_index, seed, options, seconds, ablation):
         t = time.perf_counter()
-        effects = attribution_effects(model, task, prompts, ablation=ablation)
+        effects = attribution_effects(model, task, prompts, ablation=ablation, steps=options.steps)
         seconds["score"] = round(time.perf_counter() - t, 2)
         if options.verify:
             t = time.perf_counter()
