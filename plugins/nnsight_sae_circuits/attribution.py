@@ -64,9 +64,8 @@ def _metric_gradient(model, sites, task, prompts, enc, rs, mask, alpha):
 
 
 def _head_gradients(model, sites, enc, rs, mask, alpha, logit_grad):
-    """Per layer, the heads' clean-path inputs z at the point alpha and d (logits . logit_grad) / d
-    of the mixed input, both (b, p, H*dh) on CPU in float32."""
-    sites = sites_of(model)
+    """Per layer, the heads' inputs z as computed at the point alpha, and d (logits . logit_grad) / d
+    what replaces them there (z moved toward r), both (b, p, H*dh) on CPU in float32."""
     # NDIF runs models with frozen weights: the graph starts at the heads' inputs. (No comment
     # lines inside this block: nnsight's remote path re-parses it without them and then finds
     # the nested backward block by line number.)
@@ -109,7 +108,8 @@ class Attribution(CircuitMethod):
     (``attribution_effects``). The default method."""
 
     name = "attribution"
-    help = "attribution patching per head (optionally its top candidates verified by patching); the default"
+    help = ("attribution patching per head (optionally integrated gradients, or its top candidates verified by "
+            "patching); the default")
     signed = True
     default = True
     Options = AttributionOptions
