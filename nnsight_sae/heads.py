@@ -14,6 +14,11 @@ from .models import trace_options
 from .sites import n_layers, resolve_site
 
 
+def head_sites(model) -> list:
+    """Every layer's ``head_out`` site, first layer first."""
+    return [resolve_site(model, f"head_out.{layer}") for layer in range(n_layers(model))]
+
+
 def _encode(model, texts):
     return model.tokenizer(texts, return_tensors="pt", padding=True)
 
@@ -23,7 +28,7 @@ def head_outputs(model, texts: list[str], *, reduce: str = "mean", batch_size: i
     """(n_prompts, n_layers, n_heads, d_model): each head's output written into the
     residual stream (``head_out.L``), averaged over the prompt's real tokens
     (reduce="mean") or taken at the last token (reduce="last")."""
-    sites = [resolve_site(model, f"head_out.{layer}") for layer in range(n_layers(model))]
+    sites = head_sites(model)
     out = []
     for start in range(0, len(texts), batch_size):
         enc = _encode(model, texts[start:start + batch_size])
@@ -90,7 +95,7 @@ def replacements(model, prompts, ablation: str = "mean", neg=None, *, batch_size
     ``rows_of`` picks the rows of a batch."""
     check_ablation(ablation)
     neg = encode_pair(model, prompts)[1] if neg is None else neg
-    sites = [resolve_site(model, f"head_out.{layer}") for layer in range(n_layers(model))]
+    sites = head_sites(model)
     if ablation == "zero":  # no run needed, only the shapes
         return [torch.zeros(1, neg.input_ids.shape[1], site.heads_width) for site in sites]
     outputs = [[] for _ in sites]
@@ -187,7 +192,7 @@ def keep_only_metric(model, task, prompts, keep: torch.Tensor, replaced=None, *,
     pos, neg = encode_pair(model, prompts)
     if replaced is None:
         replaced = replacements(model, prompts, ablation, neg, batch_size=batch_size)
-    sites = [resolve_site(model, f"head_out.{layer}") for layer in range(n_layers(model))]
+    sites = head_sites(model)
     out = []
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(len(prompts), start + batch_size)))

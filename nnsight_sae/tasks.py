@@ -25,6 +25,14 @@ class Task:
     help = ""
     method_defaults: dict[str, dict] = {}
 
+    def metric_gradient(self, logits: torch.Tensor, prompts: TaskPrompts) -> torch.Tensor:
+        """d sum(metric) / d last logits (n, vocab), computed outside any trace: the metric is any
+        Python, which cannot run on NDIF."""
+        with torch.enable_grad():
+            logits = logits.detach().float().clone().requires_grad_()
+            self.metric(logits, prompts).sum().backward()
+        return logits.grad
+
 
 class TaskError(NnsightSaeError):
     """A task file that cannot be read, or too few usable prompts."""

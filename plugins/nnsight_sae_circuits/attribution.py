@@ -10,10 +10,9 @@ import nnsight
 import torch
 
 from nnsight_sae.circuits import CircuitMethod
-from nnsight_sae.heads import ablation_effects, encode_pair, replacements, rows_of
+from nnsight_sae.heads import ablation_effects, encode_pair, head_sites, replacements, rows_of
 from nnsight_sae.models import trace_options
 from nnsight_sae.options import Option, Options
-from nnsight_sae.sites import n_layers, resolve_site
 from nnsight_sae.traced import toward
 
 
@@ -26,7 +25,7 @@ def attribution_effects(model, task, prompts, *, ablation: str = "mean", steps: 
     clean output: each head's input becomes a z + (1 - a) r at a = (i + 0.5) / N, the midpoints);
     the effects then add up to the metric's drop with every head ablated. Per batch and point:
     a forward pass for d metric / d logits, then one forward and backward pass."""
-    sites = sites_of(model)
+    sites = head_sites(model)
     L, H = len(sites), sites[0].n_heads
     pos, neg = encode_pair(model, prompts)
     width = pos.input_ids.shape[1]
@@ -39,7 +38,8 @@ def attribution_effects(model, task, prompts, *, ablation: str = "mean", steps: 
         mask = enc["attention_mask"][..., None].float()
         rs = [rows_of(r, idx) for r in replaced]
         for alpha in alphas:
-            logit_grad = _metric_gradient(model, sites, task, prompts.subset(idx), enc, rs, mask, alpha)
+            logits = _last_logits_at(model, sites, enc, rs, mask, alpha)
+            logit_grad = task.metric_gradient(logits, prompts.subset(idx))
             zs, grads = _head_gradients(model, sites, enc, rs, mask, alpha, logit_grad)
             for layer in range(L):
                 delta = (zs[layer] - rs[layer]) * mask  # (b, p, H*dh)
@@ -49,18 +49,14 @@ def attribution_effects(model, task, prompts, *, ablation: str = "mean", steps: 
 
 
 @torch.no_grad()
-def _metric_gradient(model, sites, task, prompts, enc, rs, mask, alpha):
-    """d sum(metric) / d last logits (n, vocab) at the point alpha, computed here: the task's
-    metric is any Python, which cannot run on NDIF."""
+def _last_logits_at(model, sites, enc, rs, mask, alpha):
+    """The last position's logits (n, vocab) with every head's input moved to the point alpha."""
     with model.trace(enc, **trace_options(model, last_position=True)):
         if alpha != 1.0:
             for site, r in zip(sites, rs):
                 site.envoy.input = toward(r, site.envoy.input, alpha, mask)
         logits = model.output.logits[:, -1].save()
-    with torch.enable_grad():
-        logits = logits.float().cpu().requires_grad_()
-        task.metric(logits, prompts).sum().backward()
-    return logits.grad
+    return logits.float().cpu()
 
 
 def _head_gradients(model, sites, enc, rs, mask, alpha, logit_grad):
@@ -84,11 +80,6 @@ def _head_gradients(model, sites, enc, rs, mask, alpha, logit_grad):
                 grads.append(z.grad)
     grads.reverse()
     return [z.detach().float().cpu() for z in zs], [g.float().cpu() for g in grads]
-
-
-def sites_of(model):
-    """Every layer's ``head_out`` site."""
-    return [resolve_site(model, f"head_out.{layer}") for layer in range(n_layers(model))]
 
 
 class AttributionOptions(Options):

@@ -134,14 +134,6 @@ def read_nodes(model, groups: list[SiteNodes], enc: dict, *, batch_size: int = 1
     return per_group, torch.cat(logits)
 
 
-def metric_gradient(task, prompts, logits: torch.Tensor) -> torch.Tensor:
-    """d sum(metric) / d logits (n, vocab), computed here: the task's metric is any Python."""
-    with torch.enable_grad():
-        logits = logits.detach().clone().requires_grad_()
-        task.metric(logits, prompts).sum().backward()
-    return logits.grad
-
-
 def site_gradients(model, groups: list[SiteNodes], enc: dict, logit_grad: torch.Tensor, *,
                    replace: tuple[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Gradients of (last logits . logit_grad) with respect to each group's written activation
@@ -208,7 +200,7 @@ def measure(model, task, prompts, groups: list[SiteNodes], *, steps: int = 10, b
     grads = [torch.zeros_like(c[2]) for c in clean]
     if steps == 0:
         for idx in _chunks(n, batch_size):
-            logit_grad = metric_gradient(task, prompts.subset(idx), logits[idx])
+            logit_grad = task.metric_gradient(logits[idx], prompts.subset(idx))
             for i, g in enumerate(site_gradients(model, groups, _rows(enc, idx), logit_grad)):
                 grads[i][idx] = g
     else:
@@ -220,7 +212,7 @@ def measure(model, task, prompts, groups: list[SiteNodes], *, steps: int = 10, b
                 path = (x0[None] + alphas[:, None, None, None] * dx[None]).flatten(0, 1)  # (steps * b, p, d)
                 batch, rep = _rows(enc, idx, steps), prompts.subset(idx * steps)
                 path_logits = last_logits_replaced(model, groups[i], batch, path)
-                logit_grad = metric_gradient(task, rep, path_logits)
+                logit_grad = task.metric_gradient(path_logits, rep)
                 g = site_gradients(model, groups, batch, logit_grad, replace=(i, path))[0]
                 grads[i][idx] = g.view(steps, len(idx), *g.shape[1:]).mean(0)
     return Measured(groups, enc, clean, cf, grads, logits, cf_logits)
