@@ -74,20 +74,47 @@ def _shared_run(tmp_path_factory, reuse_env: str, *args):
     return out
 
 
-@pytest.fixture(scope="session")
-def train_cli():
-    return _train_cli
+# The code fixtures (the TopK SAE on resid_post.6, the transcoders, the tc-vs-sae sweep and the
+# causal tree's upstream SAE on resid_post.5) all read one harvest of CODE_TOKENS code-corpus tokens:
+# a store of more sites on the same tokens serves any of its sites, so `code_harvest` runs the model
+# once, through layer 6, for all of them. The budgets are small so that `make test` fits on slow CI
+# machines; the README's tables come from the documented commands with the full budgets.
+CODE_TOKENS = 100_000
+TRANSCODER_LAYERS = (0, 6)
+CODE_SITES = ["resid_post.5", "resid_post.6",
+              *(f"mlp_{io}.{layer}" for layer in TRANSCODER_LAYERS for io in ("in", "out"))]
 
 
 @pytest.fixture(scope="session")
-def smol_resid6(tmp_path_factory):
-    """A TopK SAE (k 32, d_sae 4608) on SmolLM2's resid_post.6 over 300k tokens x 3 epochs (several
-    minutes), shared by the quality bar and the feature analyses: `nnsight-sae train --type topk
-    --site resid_post.6 --tokens 300000 --epochs 3 --d-sae 4608 --corpus code` (code: the figures
-    in the README's quality and feature tables are on it). Returns the run folder
+def code_harvest(smol):
+    """The shared harvest of the code corpus at CODE_SITES (about 3 minutes on a slow 2-core machine)."""
+    from nnsight_sae.pipeline import DataSpec, activation_store
+
+    return activation_store(smol, CODE_SITES, DataSpec(corpus="code", tokens=CODE_TOKENS), progress=False)
+
+
+@pytest.fixture(scope="session")
+def smol_resid6(tmp_path_factory, code_harvest):
+    """A TopK SAE (k 32, d_sae 4608) on SmolLM2's resid_post.6 over the code harvest x 3 epochs,
+    shared by the quality bar and the feature analyses: `nnsight-sae train --type topk --site
+    resid_post.6 --tokens 100000 --epochs 3 --d-sae 4608 --corpus code --eval-tokens 2048` (the
+    README's quality and feature tables use 300k tokens). Returns the run folder
     (NNSIGHT_SAE_TEST_RESID6=DIR reuses one while iterating)."""
     return _shared_run(tmp_path_factory, "NNSIGHT_SAE_TEST_RESID6", "--type", "topk", "--site", "resid_post.6",
-                       "--tokens", 300_000, "--epochs", 3, "--d-sae", 4608, "--corpus", "code")
+                       "--tokens", CODE_TOKENS, "--epochs", 3, "--d-sae", 4608, "--corpus", "code",
+                       "--eval-tokens", 2048)
+
+
+@pytest.fixture(scope="session")
+def transcoders(tmp_path_factory, code_harvest):
+    """Transcoders on SmolLM2's MLPs 0 and 6 (d_sae 4608, L1 5e-4), trained in lockstep on the code
+    harvest x 2 epochs: `nnsight-sae train --type transcoder --site mlp_in.0,mlp_in.6 --tokens 100000
+    --epochs 2 --d-sae 4608 --eval-tokens 2048 --corpus code`. Returns layer -> folder
+    (NNSIGHT_SAE_TEST_TRANSCODERS=DIR reuses a run while iterating)."""
+    run = _shared_run(tmp_path_factory, "NNSIGHT_SAE_TEST_TRANSCODERS", "--type", "transcoder", "--site",
+                      ",".join(f"mlp_in.{layer}" for layer in TRANSCODER_LAYERS), "--tokens", CODE_TOKENS,
+                      "--epochs", 2, "--d-sae", 4608, "--eval-tokens", 2048, "--corpus", "code")
+    return {layer: run / f"transcoder-mlp_in.{layer}-4608" for layer in TRANSCODER_LAYERS}
 
 
 PROSE_LAYERS = (6, 12, 18)
@@ -95,15 +122,15 @@ PROSE_LAYERS = (6, 12, 18)
 
 @pytest.fixture(scope="session")
 def smol_prose_saes(tmp_path_factory):
-    """TopK SAEs like ``smol_resid6``'s (d_sae 4608, k 32, 300k tokens x 3 epochs) on SmolLM2's
-    resid_post.6, .12 and .18, trained in lockstep on the embedded prose corpus (one harvest; a
+    """TopK SAEs like ``smol_resid6``'s (d_sae 4608, k 32) on SmolLM2's resid_post.6, .12 and .18,
+    trained in lockstep on 60k tokens of the embedded prose corpus x 3 epochs (one harvest; a
     1,024-token evaluation, as the tests need none): `nnsight-sae train --type topk --site
-    resid_post.6,resid_post.12,resid_post.18 --tokens 300000 --epochs 3 --d-sae 4608 --corpus prose`.
-    Each dictionary's data order and initialisation depend only on the seed, so the resid_post.6
-    one is what training it alone gives. About 11 minutes. Returns layer -> folder
-    (NNSIGHT_SAE_TEST_PROSE=DIR reuses a run while iterating)."""
+    resid_post.6,resid_post.12,resid_post.18 --tokens 60000 --epochs 3 --d-sae 4608 --corpus prose
+    --eval-tokens 1024` (the README's tables use 300k tokens). Each dictionary's data order and
+    initialisation depend only on the seed, so the resid_post.6 one is what training it alone gives.
+    Returns layer -> folder (NNSIGHT_SAE_TEST_PROSE=DIR reuses a run while iterating)."""
     run = _shared_run(tmp_path_factory, "NNSIGHT_SAE_TEST_PROSE", "--type", "topk", "--site",
-                      ",".join(f"resid_post.{layer}" for layer in PROSE_LAYERS), "--tokens", 300_000, "--epochs", 3,
+                      ",".join(f"resid_post.{layer}" for layer in PROSE_LAYERS), "--tokens", 60_000, "--epochs", 3,
                       "--d-sae", 4608, "--corpus", "prose", "--eval-tokens", 1024)
     return {layer: run / f"topk-resid_post.{layer}-4608" for layer in PROSE_LAYERS}
 

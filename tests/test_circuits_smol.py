@@ -1,8 +1,11 @@
-"""Circuit discovery on the embedded SmolLM2 (slow: about 8 minutes on 2 cores, mostly two patching
-references). The figures are in the README's circuits tables. IOI is checked against its reference
-here; the same comparison on greater-than and docstring (about 9 minutes more, mostly their
-references) is the README's documented command, `nnsight-sae reference --task T --out R` then
-`nnsight-sae circuit --task T [--prompts heldout] --reference R --out C`, whose figures it records."""
+"""Circuit discovery on the embedded SmolLM2 (slow: minutes on 2 cores, mostly two patching
+references, each on 24 prompts to keep `make test` short; the README's use 40). The figures are in
+the README's circuits tables. IOI is checked against its reference here; the same comparison on
+greater-than and docstring is the README's documented command, `nnsight-sae reference --task T
+--out R` then `nnsight-sae circuit --task T [--prompts heldout] --reference R --out C`, whose
+figures it records."""
+
+import json
 
 import pytest
 
@@ -13,13 +16,14 @@ from nnsight_sae.tasks import get_task
 pytestmark = pytest.mark.slow
 
 TASKS = ["ioi", "greater-than", "docstring"]
+REFERENCE_PROMPTS = 24
 
 
 @pytest.fixture(scope="module")
 def ioi_reference(smol, tmp_path_factory):
-    """The folder of IOI's reference.json (40 train prompts, top 20 heads), computed once."""
+    """The folder of IOI's reference.json (24 train prompts, top 20 heads), computed once."""
     folder = tmp_path_factory.mktemp("reference-ioi")
-    run_reference(smol, "ioi", folder, progress=False)
+    run_reference(smol, "ioi", folder, n_prompts=REFERENCE_PROMPTS, progress=False)
     return folder
 
 
@@ -111,25 +115,26 @@ def test_default_method_recovers_the_reference_on_unseen_prompts(smol, ioi_refer
 
 
 def test_integrated_attribution_keeps_ioi_as_the_reference_does(smol, ioi_reference, tmp_path):
-    """Issue 18 part 4 on IOI: attribution with the gradient integrated over 2 points (``steps``)
-    keeps as much of the task as the reference's own positive heads, within 10 points at k = 20,
-    40 and 80, on train and held-out prompts (measured: train 113% / 124% / 125% against the
-    reference's 119% / 121% / 133%; held-out 146% / 162% / 158% against 146% / 112% / 129%). The
-    plain gradient misses by up to 33 points on train prompts (95% / 112% / 100%); the README has
-    greater-than and docstring."""
-    for split in ("train", "heldout"):
-        c = run_circuit(smol, "ioi", tmp_path / split, split=split, reference=ioi_reference, options={"steps": 2},
-                        n_random=1, curve=[20, 40, 80])
-        for row in c["faithfulness"]["curve"]:
-            assert row["top_k_positive"] >= row["reference_top_k_positive"] - 0.10, (split, row)
-        assert c["metrics"]["roc_auc_top"]["10"] >= 0.95, (split, c["metrics"])
+    """Issue 18 part 4 on IOI's held-out prompts: attribution with the gradient integrated over 2
+    points (``steps``) keeps as much of the task as the reference's own positive heads, within 10
+    points at k = 20, 40 and 80 (measured against the README's 40-prompt reference: 146% / 162% /
+    158% against 146% / 112% / 129%; on train prompts 113% / 124% / 125% against 119% / 121% / 133%,
+    left out here to keep `make test` short). The plain gradient misses by up to 33 points on train
+    prompts (95% / 112% / 100%); the README has greater-than and docstring."""
+    c = run_circuit(smol, "ioi", tmp_path, split="heldout", reference=ioi_reference, options={"steps": 2},
+                    n_random=1, curve=[20, 40, 80])
+    print(json.dumps(c["faithfulness"]["curve"]))
+    for row in c["faithfulness"]["curve"]:
+        assert row["top_k_positive"] >= row["reference_top_k_positive"] - 0.10, row
+    assert c["metrics"]["roc_auc_top"]["10"] >= 0.95, c["metrics"]
 
 
 def test_default_method_follows_a_reference_of_another_ablation(smol, tmp_path):
     """A user's reference that replaces each head by its negatives' mean over all positions (the
     definition of the independent check in issue 18): the default method estimates that ablation
     and ranks the reference's top 10 and top 20 with ROC AUC >= 0.85 on train and held-out prompts."""
-    ref = run_reference(smol, "greater-than", tmp_path / "ref", ablation="position-mean", progress=False)
+    ref = run_reference(smol, "greater-than", tmp_path / "ref", ablation="position-mean", n_prompts=REFERENCE_PROMPTS,
+                        progress=False)
     assert ref["ablation"] == "position-mean"
     for split in ("train", "heldout"):
         c = run_circuit(smol, "greater-than", tmp_path / split, split=split, reference=tmp_path / "ref", n_random=1)

@@ -57,53 +57,27 @@ def feature_patching(smol, smol_resid6, out, task, n_prompts, candidates, corpus
     return r
 
 
-def test_feature_patching_on_greater_than(smol, smol_resid6, tmp_path):
-    """The paper's claim holds here when each prompt ranks its own features (measured: KL halved
-    with 20 features vs 27 principal directions); with one ranking shared by all prompts PCA
-    needs fewer (22 vs 27). Both are in the README."""
-    r = feature_patching(smol, smol_resid6, tmp_path, "greater-than", 24, 32)
-    sae, pca = r["sae"]["per_prompt"], r["pca"]["per_prompt"]
-    assert sae["directions_needed"]["0.5"] is not None
-    assert pca["directions_needed"]["0.5"] is None or sae["directions_needed"]["0.5"] < pca["directions_needed"]["0.5"]
-    assert sae["kl"][-1] < pca["kl"][-1]
-
-
-def test_feature_patching_on_ioi(smol, smol_resid6, tmp_path):
-    """On IOI the paper's claim does not hold on this model and corpus: PCA halves the KL with fewer
-    directions, because the SAE (trained on Python source and docs, few personal names) reproduces
-    about half of the activation's shift (54%) when the indirect object's name changes; the rest is in its
-    error term, so even every feature patched leaves over a third of the KL (README; an SAE trained
-    on prose does better: the next test). What we assert: the code SAE's features do carry part of
-    the name swap."""
-    r = feature_patching(smol, smol_resid6, tmp_path, "ioi", 16, 24)
-    sae = r["sae"]["per_prompt"]
-    assert r["kl_unpatched"] > 1  # the swap moves the prediction
-    assert sae["kl"][15] <= 0.8 * r["kl_unpatched"]  # 16 features per prompt remove at least a fifth of it
-    assert r["sae"]["kl_all_directions"] < r["kl_unpatched"]
-
-
-def test_feature_patching_on_ioi_with_an_sae_trained_on_prose(smol, smol_prose_saes, tmp_path):
-    """The same SAE trained on the prose corpus (names, dialogue), PCA fitted on prose too. The
-    paper's claim holds here past the first ten directions: halving the KL takes the SAE no more
-    directions than PCA (measured 8 vs 8, the SAE by a hair: KL 1.967 against a bar of 1.971), a
-    quarter of it 20 features and more than 24 principal directions, and from 11 on each prompt's
-    features leave less KL than as many principal directions (16: 1.26 vs 1.43; 24: 0.40 vs 1.05).
-    The SAE now reproduces 77% of the activation's shift (the code SAE: 54%)."""
-    r = feature_patching(smol, smol_prose_saes[6], tmp_path, "ioi", 16, 24, corpus="prose")
-    sae, pca = r["sae"]["per_prompt"], r["pca"]["per_prompt"]
-    assert sae["directions_needed"]["0.5"] <= 10
-    quarter_sae, quarter_pca = sae["directions_needed"]["0.25"], pca["directions_needed"]["0.25"]
-    assert quarter_sae is not None and (quarter_pca is None or quarter_sae < quarter_pca)
-    assert sae["kl"][15] < pca["kl"][15] and sae["kl"][-1] < pca["kl"][-1]
-    assert r["sae"]["shift_captured"] >= 0.7
-    assert r["sae"]["kl_all_directions"] < 0.25 * r["kl_unpatched"]
+def test_feature_patching_on_ioi_code_sae_against_prose_sae(smol, smol_resid6, smol_prose_saes, tmp_path):
+    """IOI swaps the indirect object's name, which the code corpus rarely has: the SAE trained on prose
+    (names, dialogue) reproduces far more of the activation's shift than the one trained on code, and
+    each prompt's own features leave less KL, on the same 8 prompts. Measured with these tests' small
+    SAEs (code 100k tokens, prose 60k): share of the shift 0.44 vs 0.15, KL with every feature patched
+    0.58 vs 2.19, with each prompt's top 16 features 3.36 vs 4.05, of 5.51. The paper's claim (fewer SAE features than
+    principal directions to halve the KL) holds for the README's 300k-token prose SAE (8 vs 8) and
+    fails for these small ones, as for the code SAE at any budget tried (README)."""
+    code = feature_patching(smol, smol_resid6, tmp_path / "code", "ioi", 8, 24)
+    prose = feature_patching(smol, smol_prose_saes[6], tmp_path / "prose", "ioi", 8, 24, corpus="prose")
+    assert code["kl_unpatched"] == prose["kl_unpatched"] > 1  # the same prompts; the swap moves the prediction
+    assert prose["sae"]["shift_captured"] >= 2 * code["sae"]["shift_captured"]
+    assert prose["sae"]["kl_all_directions"] < 0.5 * code["sae"]["kl_all_directions"]
+    assert prose["sae"]["per_prompt"]["kl"][15] < code["sae"]["per_prompt"]["kl"][15]
 
 
 def test_causal_tree_of_a_paren_feature(smol, smol_resid6, paren_feature, tmp_path, capsys):
     """Without --upstream the tree trains a TopK SAE on resid_post.5 (100k tokens) and says so."""
     target = load_dictionary(smol_resid6)
     r = run_analysis("causal-tree", model=smol, dictionary=target, out_dir=tmp_path, feature=paren_feature,
-                     depth=1, width=3, contexts=20, candidates=128, corpus="code")
+                     depth=1, width=3, contexts=20, candidates=64, corpus="code")
     assert "upstream resid_post.5: trained" in capsys.readouterr().out
     tree = r["tree"]
     print(json.dumps({k: tree[k] for k in ("feature", "max_activation", "mean_activation", "top_tokens", "ranking")}))

@@ -162,7 +162,7 @@ def default_upstream(model, dictionary, corpus: str | None = None):
         how = f"upstream {site}: found {folder}"
     else:
         print(f"no dictionary given for {site}: training {name} on 100k {corpus} tokens into {folder} ...")
-        train_and_evaluate(model, DataSpec(corpus=corpus, tokens=100_000, eval_tokens=4096),
+        train_and_evaluate(model, DataSpec(corpus=corpus, tokens=100_000, eval_tokens=2048),
                            RunSpec(types=[dictionary.type_name], sites=[site], d_sae=[dictionary.d_sae], hyper=hyper,
                                    epochs=2), {"lr": 4e-4}, folder)
         how = f"upstream {site}: trained {folder}"
