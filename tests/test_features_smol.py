@@ -40,8 +40,8 @@ def paren_feature(smol, smol_resid6):
     return feature
 
 
-def feature_patching(smol, smol_resid6, out, task, n_prompts, candidates, corpus="code"):
-    r = run_analysis("feature-patching", model=smol, dictionary=load_dictionary(smol_resid6), out_dir=out, task=task,
+def feature_patching(smol, run, out, task, n_prompts, candidates, corpus="code"):
+    r = run_analysis("feature-patching", model=smol, dictionary=load_dictionary(run), out_dir=out, task=task,
                      n_prompts=n_prompts, candidates=candidates, corpus=corpus)
     print(f"\n{task}:", json.dumps({k: r[k] for k in ("kl_unpatched", "metric_base", "metric_counterfactual",
                                                        "seconds")}))
@@ -61,10 +61,10 @@ def test_feature_patching_on_ioi_code_sae_against_prose_sae(smol, smol_resid6, s
     """IOI swaps the indirect object's name, which the code corpus rarely has: the SAE trained on prose
     (names, dialogue) reproduces far more of the activation's shift than the one trained on code, and
     each prompt's own features leave less KL, on the same 8 prompts. Measured with these tests' small
-    SAEs (code 100k tokens, prose 60k): share of the shift 0.44 vs 0.15, KL with every feature patched
-    0.58 vs 2.19, with each prompt's top 16 features 3.36 vs 4.05, of 5.51. The paper's claim (fewer SAE features than
-    principal directions to halve the KL) holds for the README's 300k-token prose SAE (8 vs 8) and
-    fails for these small ones, as for the code SAE at any budget tried (README)."""
+    SAEs (code 100k tokens, prose 60k): share of the shift 0.44 vs 0.15, KL with every feature
+    patched 0.58 vs 2.19, with each prompt's top 16 features 3.36 vs 4.05, of 5.51. The paper's claim
+    (fewer SAE features than principal directions to halve the KL) holds for the README's 300k-token
+    prose SAE (8 vs 8) and fails for these small ones, as for the 300k-token code SAE (README)."""
     code = feature_patching(smol, smol_resid6, tmp_path / "code", "ioi", 8, 24)
     prose = feature_patching(smol, smol_prose_saes[6], tmp_path / "prose", "ioi", 8, 24, corpus="prose")
     assert code["kl_unpatched"] == prose["kl_unpatched"] > 1  # the same prompts; the swap moves the prediction
