@@ -110,14 +110,19 @@ def test_circuit_and_reference_json_contracts(tiny_models, task_file, tmp_path):
 
 def test_attribution_verifies_its_top_candidates_by_patching(tiny_models, task_file, tmp_path):
     from nnsight_sae.heads import ablation_effects
-    from nnsight_sae_circuits.attribution import attribution_effects
+    from nnsight_sae_circuits.attribution import attribution_terms, verification_candidates
 
     model = tiny_models("gpt2")
     task = get_task(task_file)
     prompts = task.prompts(model.tokenizer, 16)
-    estimate = attribution_effects(model, task, prompts)
+    estimate, magnitude = attribution_terms(model, task, prompts)
+    assert (magnitude >= estimate.abs() - 1e-6).all()
     exact = ablation_effects(model, task, prompts, progress=False)
-    top4 = estimate.abs().flatten().topk(4).indices
+    candidates = verification_candidates(estimate, magnitude, 4).flatten()
+    assert candidates.sum() == 4  # the top two of each ranking, then the next by the better rank
+    assert candidates[estimate.abs().flatten().topk(2).indices].all()
+    assert candidates[magnitude.flatten().topk(2).indices].all()
+    top4 = candidates.nonzero().flatten()
     assert (exact.flatten()[top4] != estimate.flatten()[top4]).all()  # the estimate is not exact here
     c = run_circuit(model, task_file, tmp_path, n_prompts=16, options={"verify": 4}, n_random=1, progress=False)
     effect = torch.zeros(exact.shape)

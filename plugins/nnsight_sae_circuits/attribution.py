@@ -25,13 +25,22 @@ def attribution_effects(model, task, prompts, *, ablation: str = "mean", steps: 
     clean output: each head's input becomes a z + (1 - a) r at a = (i + 0.5) / N, the midpoints);
     the effects then add up to the metric's drop with every head ablated. Per batch and point:
     a forward pass for d metric / d logits, then one forward and backward pass."""
+    return attribution_terms(model, task, prompts, ablation=ablation, steps=steps, batch_size=batch_size)[0]
+
+
+def attribution_terms(model, task, prompts, *, ablation: str = "mean", steps: int = 0,
+                      batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attribution_effects`` and, per head, the same sum with every term (prompt, position,
+    dimension of z) taken in absolute value: how large the estimate is before its terms cancel.
+    A head whose terms cancel is one whose first-order estimate says little (its effect runs
+    through a downstream nonlinearity the gradient does not see), a candidate for patching."""
     sites = head_sites(model)
     L, H = len(sites), sites[0].n_heads
     pos, neg = encode_pair(model, prompts)
     width = pos.input_ids.shape[1]
     replaced = replacements(model, prompts, ablation, neg, batch_size=batch_size)
     alphas = [(i + 0.5) / steps for i in range(steps)] if steps else [1.0]
-    effects = torch.zeros(L, H)
+    effects, magnitude = torch.zeros(L, H), torch.zeros(L, H)
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(len(prompts), start + batch_size)))
         enc = {"input_ids": pos.input_ids[idx], "attention_mask": pos.attention_mask[idx]}
@@ -43,9 +52,10 @@ def attribution_effects(model, task, prompts, *, ablation: str = "mean", steps: 
             zs, grads = _head_gradients(model, sites, enc, rs, mask, alpha, logit_grad)
             for layer in range(L):
                 delta = (zs[layer] - rs[layer]) * mask  # (b, p, H*dh)
-                contrib = (delta * grads[layer]).reshape(len(idx), width, H, -1).sum(dim=(1, 3))
-                effects[layer] += contrib.sum(0) / len(alphas)
-    return effects / len(prompts)
+                terms = (delta * grads[layer]).reshape(len(idx), width, H, -1)
+                effects[layer] += terms.sum(dim=(0, 1, 3)) / len(alphas)
+                magnitude[layer] += terms.abs().sum(dim=(0, 1, 3)) / len(alphas)
+    return effects / len(prompts), magnitude / len(prompts)
 
 
 @torch.no_grad()
@@ -82,19 +92,39 @@ def _head_gradients(model, sites, enc, rs, mask, alpha, logit_grad):
     return [z.detach().float().cpu() for z in zs], [g.float().cpu() for g in grads]
 
 
+def verification_candidates(effects: torch.Tensor, magnitude: torch.Tensor, n: int) -> torch.Tensor:
+    """A bool mask of the n heads to patch: taken alternately from the ranking by |estimate| and the
+    ranking by magnitude (``attribution_terms``), each head at the better of its two ranks, ties to
+    the larger magnitude. The first finds the heads the estimate calls large, the second those whose
+    terms cancel (on docstring the head whose exact effect ranks 5th has an estimate ranked 242nd,
+    and 13th by magnitude)."""
+    def ranks(v):
+        r = torch.empty(v.numel(), dtype=torch.long)
+        r[v.flatten().argsort(descending=True)] = torch.arange(v.numel())
+        return r
+    by_magnitude = ranks(magnitude)
+    key = torch.minimum(ranks(effects.abs()), by_magnitude) * effects.numel() + by_magnitude
+    top = torch.zeros(effects.numel(), dtype=torch.bool)
+    top[key.argsort()[:n]] = True
+    return top.view(effects.shape)
+
+
 class AttributionOptions(Options):
     steps = Option(int, 0, "integrate the gradient over N points between every head ablated and none "
                            "(integrated gradients; 0: the gradient at the clean run alone)", min=0)
-    verify = Option(int, 0, "re-score the top N heads by |estimate| with exact single-head patching "
-                            "(each costs what it costs in the reference; 0: the estimate alone)", min=0)
+    verify = Option(int, 0, "re-score N heads with exact single-head patching: those of largest |estimate| "
+                            "and those whose estimate's terms cancel most, alternately (each costs what it "
+                            "costs in the reference; 0: the estimate alone)", min=0)
 
 
 class Attribution(CircuitMethod):
     """Attribution patching: -gradient x (replacement - activation) per head, the
     first-order estimate of each head's ablation effect (with the run's ablation); with
-    ``verify`` N, the N heads of largest |estimate| are then patched one at a time and get their
-    exact effect: the estimate as a prefilter, patching to verify, as Kramár et al. 2024 use
-    attribution patching (arXiv:2403.00745; their QK fix and GradDrop are not done here).
+    ``verify`` N, N heads are then patched one at a time and get their exact effect: the estimate
+    as a prefilter, patching to verify, as Kramár et al. 2024 use attribution patching
+    (arXiv:2403.00745; their QK fix and GradDrop are not done here). The candidates come from two
+    rankings (``verification_candidates``): by |estimate|, and by the estimate with its terms in
+    absolute value, which finds the heads whose terms cancel, where the estimate goes wrong.
     With ``steps`` N, integrated gradients over N points between every head ablated and none
     (``attribution_effects``). The default method."""
 
@@ -107,13 +137,11 @@ class Attribution(CircuitMethod):
 
     def score_heads(self, model, task, prompts, *, train_index, seed, options, seconds, ablation):
         t = time.perf_counter()
-        effects = attribution_effects(model, task, prompts, ablation=ablation, steps=options.steps)
+        effects, magnitude = attribution_terms(model, task, prompts, ablation=ablation, steps=options.steps)
         seconds["score"] = round(time.perf_counter() - t, 2)
         if options.verify:
             t = time.perf_counter()
-            top = torch.zeros(effects.numel(), dtype=torch.bool)
-            top[effects.abs().flatten().topk(min(options.verify, effects.numel())).indices] = True
-            top = top.view(effects.shape)
+            top = verification_candidates(effects, magnitude, options.verify)
             exact = ablation_effects(model, task, prompts, ablation=ablation, heads=top, progress=False)
             effects = torch.where(top, exact, effects)
             seconds["verify"] = round(time.perf_counter() - t, 2)
