@@ -32,8 +32,8 @@ def attribution_terms(model, task, prompts, *, ablation: str = "mean", steps: in
                       batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """``attribution_effects`` and, per head, the same sum with every term (prompt, position,
     dimension of z) taken in absolute value: how large the estimate is before its terms cancel.
-    A head whose terms cancel is one whose first-order estimate says little (its effect runs
-    through a downstream nonlinearity the gradient does not see), a candidate for patching."""
+    A head whose terms cancel is one whose first-order estimate can be far off (measured on
+    SmolLM2's docstring task, README), so a candidate for patching."""
     sites = head_sites(model)
     L, H = len(sites), sites[0].n_heads
     pos, neg = encode_pair(model, prompts)
