@@ -137,16 +137,18 @@ def _ablate(z: torch.Tensor, replacement: torch.Tensor, heads: torch.Tensor, rea
 
 @torch.no_grad()
 def ablation_effects(model, task, prompts, *, ablation: str = "mean", heads: torch.Tensor | None = None,
-                     batch_size: int = 16, rows_per_pass: int = 96, progress: bool = True) -> torch.Tensor:
+                     replaced: list[torch.Tensor] | None = None, batch_size: int = 16, rows_per_pass: int = 96,
+                     progress: bool = True) -> torch.Tensor:
     """(n_layers, n_heads): drop in the task metric on positive prompts when one head's
     output is ablated (by default replaced by its mean over the negative prompts per
     position, right-aligned; ``ablation`` picks another of ``ABLATIONS``). ``heads``: a bool
-    (n_layers, n_heads) mask of the heads to measure (default all; the others get 0).
+    (n_layers, n_heads) mask of the heads to measure (default all; the others get 0);
+    ``replaced``: ``replacements`` for ``ablation`` when the caller has them.
     The heads of a layer run in batched passes, copy i of the prompts ablating the layer's
     i-th head, about ``rows_per_pass`` sequences a pass, starting from the cached residual."""
-    clean = task.metric(last_logits(model, prompts.positive, batch_size), prompts).mean()
     pos, neg = encode_pair(model, prompts)
-    replaced = replacements(model, prompts, ablation, neg, batch_size=batch_size)
+    if replaced is None:
+        replaced = replacements(model, prompts, ablation, neg, batch_size=batch_size)
     L = n_layers(model)
     H = resolve_site(model, "head_out.0").n_heads
     heads = torch.ones(L, H, dtype=torch.bool) if heads is None else heads
@@ -156,6 +158,8 @@ def ablation_effects(model, task, prompts, *, ablation: str = "mean", heads: tor
         resid = nnsight.save([])  # the clean residual after each layer: patched passes skip the layers before
         for site in layers:
             resid.append(site.read())
+        clean_logits = model.output.logits[:, -1].float().save()
+    clean = task.metric(clean_logits.cpu(), prompts).mean()  # padded as the patched passes are
     n = len(prompts)
     for layer in tqdm([layer for layer in range(L) if heads[layer].any()], desc="patch heads", disable=not progress,
                       leave=False):

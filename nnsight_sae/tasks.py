@@ -25,6 +25,12 @@ class Task:
     help = ""
     method_defaults: dict[str, dict] = {}
 
+    def metric_is_linear(self, prompts: TaskPrompts) -> bool:
+        """Whether ``metric`` is linear in the logits on these prompts: its gradient is then the same
+        at any logits, and attribution skips the pass that would find them. False unless the task
+        says so."""
+        return False
+
     def metric_gradient(self, logits: torch.Tensor, prompts: TaskPrompts) -> torch.Tensor:
         """d sum(metric) / d last logits (n, vocab), computed outside any trace: the metric is any
         Python, which cannot run on NDIF."""
@@ -89,12 +95,25 @@ def logit_difference(logits, prompts: TaskPrompts):
     """logit(answer) - logit(wrong) per prompt (log-prob of the answer where no wrong token)."""
     answers = torch.tensor(prompts.answers, device=logits.device)
     picked = logits.gather(-1, answers[:, None]).squeeze(-1)
-    if all(w is not None for w in prompts.wrong):
+    if _has_wrong(prompts):
         wrong = torch.tensor(prompts.wrong, device=logits.device)
         return picked - logits.gather(-1, wrong[:, None]).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def _has_wrong(prompts: TaskPrompts) -> bool:
+    return all(w is not None for w in prompts.wrong)
+
+
+class LogitDifferenceTask(Task):
+    """A task whose metric is ``logit_difference`` (linear in the logits where every prompt has a
+    wrong token)."""
+
+    def metric(self, logits, prompts: TaskPrompts):
+        return logit_difference(logits, prompts)
+
+    def metric_is_linear(self, prompts: TaskPrompts) -> bool:
+        return _has_wrong(prompts)
 
 
 def get_task(name: str) -> Task:

@@ -167,3 +167,13 @@ def task_file(tmp_path):
     path = tmp_path / "copy.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return str(path)
+
+
+@pytest.fixture
+def log_p_task(task_file, tmp_path):
+    """``task_file`` without its wrong tokens: the metric is log p(answer), not linear in the logits."""
+    with open(task_file) as f:
+        rows = [json.loads(line) for line in f]
+    path = tmp_path / "log-p.jsonl"
+    path.write_text("\n".join(json.dumps({k: v for k, v in row.items() if k != "wrong"}) for row in rows))
+    return str(path)

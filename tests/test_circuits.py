@@ -124,7 +124,8 @@ def test_attribution_verifies_its_top_candidates_by_patching(tiny_models, task_f
     assert candidates[magnitude.flatten().topk(2).indices].all()
     top4 = candidates.nonzero().flatten()
     assert (exact.flatten()[top4] != estimate.flatten()[top4]).all()  # the estimate is not exact here
-    c = run_circuit(model, task_file, tmp_path, n_prompts=16, options={"verify": 4}, n_random=1, progress=False)
+    c = run_circuit(model, task_file, tmp_path, n_prompts=16, options={"verify": 4, "steps": 0}, n_random=1,
+                    progress=False)
     effect = torch.zeros(exact.shape)
     for h in c["heads"]:
         effect[h["layer"], h["head"]] = h["effect"]
@@ -138,6 +139,30 @@ def test_attribution_verifies_its_top_candidates_by_patching(tiny_models, task_f
     some[1, 2] = some[2, 0] = True
     torch.testing.assert_close(ablation_effects(model, task, prompts, heads=some, progress=False),
                                torch.where(some, exact, torch.zeros_like(exact)), rtol=1e-4, atol=1e-5)
+
+
+def test_attribution_takes_a_linear_metrics_gradient_without_a_pass(tiny_models, task_file, log_p_task):
+    """A logit difference is linear in the logits: attribution takes its gradient at zero logits
+    instead of running the model to find them, and gets what the general path gets."""
+    from nnsight_sae_circuits.attribution import attribution_terms
+
+    model = tiny_models("llama")
+    task = get_task(task_file)
+    prompts = task.prompts(model.tokenizer, 16)
+    assert task.metric_is_linear(prompts)
+
+    class AnyMetric(type(task)):
+        def metric_is_linear(self, prompts):
+            return False
+
+    general = AnyMetric(task_file)
+    for steps in (0, 2):
+        for ours, theirs in zip(attribution_terms(model, task, prompts, steps=steps),
+                                attribution_terms(model, general, prompts, steps=steps)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+    log_p = get_task(log_p_task)
+    assert not log_p.metric_is_linear(log_p.prompts(model.tokenizer, 16))
+    assert not get_task("greater-than").metric_is_linear(prompts)  # a probability difference
 
 
 @pytest.mark.parametrize("ablation", ["mean", "resample"])
@@ -160,8 +185,8 @@ def test_integrated_attribution_adds_up_to_ablating_every_head(tiny_models, task
               for n in (2, 8, 32)]
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.01 * abs(drop), (errors, drop)
     assert abs(float(plain.sum()) - drop) > 10 * errors[2]
-    c = run_circuit(model, task_file, tmp_path, n_prompts=20, options={"steps": 8}, ablation=ablation, n_random=1,
-                    progress=False)
+    c = run_circuit(model, task_file, tmp_path, n_prompts=20, options={"steps": 8, "verify": 0}, ablation=ablation,
+                    n_random=1, progress=False)
     assert c["options"] == {"steps": 8, "verify": 0}
     assert sum(h["effect"] for h in c["heads"]) == pytest.approx(drop, abs=0.1 * abs(drop))
 

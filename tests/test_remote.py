@@ -61,7 +61,7 @@ def _modules(model):
     return sorted(name for name, _ in model._module.named_modules())
 
 
-def _analyses(tmp_path, corpus, counterfactual_task, task_file):
+def _analyses(tmp_path, corpus, counterfactual_task, task_file, log_p_task):
     """name -> a function of (model, out folder) running one analysis end to end."""
     up = save_dictionary(random_dictionary("resid_post.0", seed=1), tmp_path / "up")
     data = dict(data=corpus, tokens=2000, ctx_len=40)
@@ -77,7 +77,8 @@ def _analyses(tmp_path, corpus, counterfactual_task, task_file):
                                                      progress=False),
         "reference": lambda m, out: run_reference(m, task_file, out, n_prompts=12, top=4, progress=False),
         "attribution": lambda m, out: run_circuit(m, task_file, out, method="attribution", n_prompts=12),
-        "integrated-attribution": lambda m, out: run_circuit(m, task_file, out, options={"steps": 2}, n_prompts=12),
+        "integrated-attribution": lambda m, out: run_circuit(m, log_p_task, out, options={"steps": 2, "verify": 0},
+                                                             n_prompts=12),
         "code-overlap": lambda m, out: run_circuit(m, task_file, out, method="code-overlap", n_prompts=12),
         "feature-patching": lambda m, out: run_analysis(
             "feature-patching", model=m, dictionary=random_dictionary("resid_post.1"), out_dir=out,
@@ -100,9 +101,9 @@ ANALYSES = ["harvest", "evaluate", "replacement", "reference", "attribution", "i
 
 @pytest.mark.parametrize("name", ANALYSES)
 def test_analysis_runs_remotely_with_the_same_results(name, pair, requests, tmp_path, corpus,
-                                                     counterfactual_task, task_file):
+                                                     counterfactual_task, task_file, log_p_task):
     local, simulated = pair
-    run = _analyses(tmp_path, corpus, counterfactual_task, task_file)[name]
+    run = _analyses(tmp_path, corpus, counterfactual_task, task_file, log_p_task)[name]
     expected = run(local, tmp_path / "local")
     assert not requests  # a local model sends nothing
     modules = _modules(simulated)

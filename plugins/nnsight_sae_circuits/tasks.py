@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from nnsight_sae.tasks import Task, TaskError, TaskPrompts, logit_difference, single_token
+from nnsight_sae.tasks import LogitDifferenceTask, Task, TaskError, TaskPrompts, single_token
 
 SPLITS = ("train", "heldout")
 
@@ -77,7 +77,7 @@ IOI_TEMPLATES = {
 }
 
 
-class IOITask(Task):
+class IOITask(LogitDifferenceTask):
     """Indirect object identification: "When Mary and John went to the store, John gave a drink to" ->
     " Mary". Negatives name three distinct people (no repeated subject); counterfactuals name
     another indirect object ("When Lucy and John ..."). Metric: logit(IO) - logit(S)."""
@@ -104,9 +104,6 @@ class IOITask(Task):
                        place=place, obj=obj)
             out.add(tokenizer, p, q, single_token(tokenizer, " " + io), single_token(tokenizer, " " + s), cf)
         return out
-
-    def metric(self, logits, prompts: TaskPrompts):
-        return logit_difference(logits, prompts)
 
 
 def _fill(template, *, first, second, repeat, place, obj):
@@ -178,7 +175,7 @@ FUNC_NAMES = {"train": ["load", "save", "parse", "render", "update", "compute", 
 SUMMARIES = {"train": ["Run the operation."], "heldout": ["Apply the change.", "Handle one request."]}
 
 
-class DocstringTask(Task):
+class DocstringTask(LogitDifferenceTask):
     """A function whose docstring lists ``:param`` lines; the answer is the next
     argument's name. Negatives replace the names in the signature and docstring
     by other random ones, so the docstring no longer follows the signature."""
@@ -209,11 +206,8 @@ class DocstringTask(Task):
         lines += [f"    :param {arg}: the {arg}" for arg in documented]
         return "\n".join(lines) + "\n    :param"
 
-    def metric(self, logits, prompts: TaskPrompts):
-        return logit_difference(logits, prompts)
 
-
-class FileTask(Task):
+class FileTask(LogitDifferenceTask):
     """Any JSONL task file: one object per line with prompt, answer, negative,
     negative_answer and optional wrong and counterfactual (for feature patching; on
     every line or none). Metric: logit(answer) - logit(wrong) where wrong is given,
@@ -257,6 +251,3 @@ class FileTask(Task):
             raise TaskError(f"{self.path}: only {len(prompts)} usable prompts ({prompts.skipped} skipped: answers "
                             f"must be one token, prompt and negative the same token length)")
         return prompts.subset(range(min(n, len(prompts)))) if n else prompts
-
-    def metric(self, logits, prompts: TaskPrompts):
-        return logit_difference(logits, prompts)

@@ -1,0 +1,79 @@
+"""Compare ways of choosing attribution's defaults (``--steps``, ``--verify``) without rerunning it
+for each: the README's table of rules in "Faithfulness at the reference's level".
+
+Verified heads get their exact single-head effect, so with every head's exact effect known (a
+reference on the same prompts) each rule's ranking follows from the estimates alone: exact for its
+N candidates (``verification_candidates``), the estimate for the rest. For each rule and each prompt
+set this prints the positive-set faithfulness at k = 20, 40, 80 (the k heads of largest positive
+effect kept alone, every other head mean-ablated) and the train reference's own, as ``nnsight-sae
+circuit --curve 20,40,80 --reference TRAIN`` reports them, with OK where the rule comes within 10
+points at every k.
+
+    nnsight-sae reference --task T --out TRAIN
+    nnsight-sae reference --task T --prompts heldout --out HELDOUT
+    python tools/verification_rules.py --task T --train TRAIN --heldout HELDOUT
+
+Mean ablation, 40 prompts (the references' own count); minutes on 2 cores, mostly the estimates.
+"""
+
+import argparse
+
+import torch
+from nnsight_sae_circuits.attribution import attribution_terms, verification_candidates
+
+from nnsight_sae.circuits import read_reference, reference_effects
+from nnsight_sae.heads import head_sites, keep_only_metric, replacements
+from nnsight_sae.models import load_model
+from nnsight_sae.tasks import get_task
+
+STEPS = (0, 1, 2, 3)
+VERIFY = (0, 20, 30, 40, 50, 60, 80)
+KS = (20, 40, 80)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--train", required=True, help="reference folder, train prompts")
+    parser.add_argument("--heldout", required=True, help="reference folder, held-out prompts")
+    args = parser.parse_args()
+    model, task = load_model(), get_task(args.task)
+    train = read_reference(args.train)
+    for split, folder in (("train", args.train), ("heldout", args.heldout)):
+        ref = read_reference(folder)
+        if ref["split"] != split or ref.get("ablation", "mean") != "mean":
+            raise SystemExit(f"{folder}: not a mean-ablation reference on {split} prompts")
+        prompts = task.prompts(model.tokenizer, ref["n_prompts"], seed=ref["seed"], split=split)
+        replaced = replacements(model, prompts)
+        shape = (len(replaced), head_sites(model)[0].n_heads)
+        exact, memo = reference_effects(ref, shape), {}
+
+        def kept(keep):
+            key = tuple(keep.flatten().tolist())
+            if key not in memo:
+                memo[key] = float(keep_only_metric(model, task, prompts, keep, replaced).mean())
+            return memo[key]
+
+        clean, ablated = kept(torch.ones(shape, dtype=torch.bool)), kept(torch.zeros(shape, dtype=torch.bool))
+
+        def curve(effects):
+            points = []
+            for k in KS:
+                keep = torch.zeros(effects.numel(), dtype=torch.bool)
+                keep[effects.flatten().topk(k).indices] = True
+                points.append(round(100 * (kept(keep.view(shape)) - ablated) / (clean - ablated)))
+            return points
+
+        own = curve(reference_effects(train, shape))
+        print(f"{args.task}, {split} prompts: the train reference's own {own}", flush=True)
+        for steps in STEPS:
+            estimate, magnitude = attribution_terms(model, task, prompts, steps=steps, replaced=replaced)
+            for n in VERIFY:
+                top = verification_candidates(estimate, magnitude, n)
+                points = curve(torch.where(top, exact, estimate))
+                ok = all(p >= o - 10 for p, o in zip(points, own))
+                print(f"  --steps {steps} --verify {n:<3} {points}{'  OK' if ok else ''}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
