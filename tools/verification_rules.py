@@ -31,6 +31,29 @@ VERIFY = (0, 20, 30, 40, 50, 60, 80)
 KS = (20, 40, 80)
 
 
+def positive_curve(model, task, prompts, replaced, shape):
+    """A function of per-head effects: the faithfulness (%) of their k most positive heads kept alone."""
+    memo = {}
+
+    def kept(keep):
+        key = tuple(keep.flatten().tolist())
+        if key not in memo:
+            memo[key] = float(keep_only_metric(model, task, prompts, keep.view(shape), replaced).mean())
+        return memo[key]
+
+    clean, ablated = kept(torch.ones(shape, dtype=torch.bool)), kept(torch.zeros(shape, dtype=torch.bool))
+
+    def curve(effects):
+        points = []
+        for k in KS:
+            keep = torch.zeros(effects.numel(), dtype=torch.bool)
+            keep[effects.flatten().topk(k).indices] = True
+            points.append(round(100 * (kept(keep) - ablated) / (clean - ablated)))
+        return points
+
+    return curve
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", required=True)
@@ -46,24 +69,8 @@ def main():
         prompts = task.prompts(model.tokenizer, ref["n_prompts"], seed=ref["seed"], split=split)
         replaced = replacements(model, prompts)
         shape = (len(replaced), head_sites(model)[0].n_heads)
-        exact, memo = reference_effects(ref, shape), {}
-
-        def kept(keep):
-            key = tuple(keep.flatten().tolist())
-            if key not in memo:
-                memo[key] = float(keep_only_metric(model, task, prompts, keep, replaced).mean())
-            return memo[key]
-
-        clean, ablated = kept(torch.ones(shape, dtype=torch.bool)), kept(torch.zeros(shape, dtype=torch.bool))
-
-        def curve(effects):
-            points = []
-            for k in KS:
-                keep = torch.zeros(effects.numel(), dtype=torch.bool)
-                keep[effects.flatten().topk(k).indices] = True
-                points.append(round(100 * (kept(keep.view(shape)) - ablated) / (clean - ablated)))
-            return points
-
+        exact = reference_effects(ref, shape)
+        curve = positive_curve(model, task, prompts, replaced, shape)
         own = curve(reference_effects(train, shape))
         print(f"{args.task}, {split} prompts: the train reference's own {own}", flush=True)
         for steps in STEPS:
