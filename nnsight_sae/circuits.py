@@ -36,7 +36,9 @@ class CircuitMethod:
     faithfulness check ablate a head; a method that estimates ablation effects estimates that
     one. ``signed = True``: the scores are estimates of each head's effect on the
     task metric (heads then rank by their absolute value). ``default = True`` makes it the
-    method ``circuit`` runs when none is named."""
+    method ``circuit`` runs when none is named. ``options_for(options, ablation)`` fills in
+    settings whose default depends on the ablation (``run_circuit`` calls it before
+    ``score_heads`` and records what it returns)."""
 
     name = ""
     help = ""
@@ -44,8 +46,11 @@ class CircuitMethod:
     default = False
     Options = NoOptions
 
-    def score_heads(self, model, task, prompts, *, train_index, seed, options, seconds) -> torch.Tensor:
+    def score_heads(self, model, task, prompts, *, train_index, seed, options, seconds, ablation) -> torch.Tensor:
         raise NotImplementedError
+
+    def options_for(self, options, ablation: str):
+        return options
 
 
 def circuit_method(name: str | None = None) -> CircuitMethod:
@@ -162,6 +167,7 @@ def run_circuit(model, task_name: str, out: str | Path, *, method: str | None = 
         raise NnsightSaeError(f"--curve takes positive head counts, not {min(curve)}")
     ref = read_reference(reference) if reference else None
     ablation = check_ablation(ablation or (ref or {}).get("ablation", "mean"))
+    settings = scorer.options_for(settings, ablation)
     # model ids compare by folder name: references written before ids dropped the folder's path still match
     if ref is not None and (Path(str(ref.get("model"))).name, ref.get("task")) != (model_id(model), task_name):
         raise NnsightSaeError(f"{reference}/reference.json is for task {ref.get('task')!r} on {ref.get('model')!r}, "

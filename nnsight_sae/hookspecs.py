@@ -48,7 +48,8 @@ def nnsight_sae_circuit_methods():
     Each has a ``name`` (the ``nnsight-sae circuit --method`` value), a one-line ``help``,
     an ``Options`` class and one job: ``score_heads(model, task, prompts, *, train_index,
     seed, options, seconds, ablation)`` returns an (n_layers, n_heads) tensor of scores
-    (``ablation``: how the run ablates heads, for methods that estimate its effects).
+    (``ablation``: how the run ablates heads, for methods that estimate its effects);
+    ``options_for(options, ablation)`` may fill in settings whose default depends on it.
     """
 
 

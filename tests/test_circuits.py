@@ -197,11 +197,18 @@ def test_circuit_ablates_as_its_reference_does(tiny_models, task_file, tmp_path)
     assert ref["ablation"] == "zero" and ref["method"] == "zero-ablation"
     c = run_circuit(model, task_file, tmp_path / "c", n_prompts=12, reference=tmp_path / "ref", n_random=1,
                     progress=False)
-    assert c["ablation"] == "zero"
+    # under zero ablation attribution's gradient is taken at the clean run unless steps says otherwise
+    assert c["ablation"] == "zero" and c["options"] == {"steps": 0, "verify": 40}
+    runs = {name: run_circuit(model, task_file, tmp_path / name, n_prompts=12, reference=tmp_path / "ref",
+                              options=options, n_random=1, progress=False)
+            for name, options in {"auto": {"verify": 0}, "clean": {"steps": 0, "verify": 0},
+                                  "integrated": {"steps": 2, "verify": 0}}.items()}
+    assert runs["auto"]["heads"] == runs["clean"]["heads"] != runs["integrated"]["heads"]
+    assert runs["integrated"]["options"] == {"steps": 2, "verify": 0}
     # attribution's estimate of zero ablation is not its estimate of mean ablation
     other = run_circuit(model, task_file, tmp_path / "m", n_prompts=12, reference=tmp_path / "ref", ablation="mean",
                         n_random=1, progress=False)
-    assert other["ablation"] == "mean" and other["heads"] != c["heads"]
+    assert other["ablation"] == "mean" and other["heads"] != c["heads"] and other["options"]["steps"] == 2
     assert c["faithfulness"]["metric_all_ablated"] != other["faithfulness"]["metric_all_ablated"]
     with pytest.raises(NnsightSaeError, match="unknown ablation 'half'; one of mean, position-mean"):
         run_reference(model, task_file, tmp_path / "bad", ablation="half", progress=False)

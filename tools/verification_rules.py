@@ -1,19 +1,22 @@
 """Compare ways of choosing attribution's defaults (``--steps``, ``--verify``) without rerunning it
-for each: the README's table of rules in "Faithfulness at the reference's level".
+for each: the README's table of rules in "Faithfulness at the reference's level" and the choice of
+``--steps`` per ablation in "Other ablations".
 
 Verified heads get their exact single-head effect, so with every head's exact effect known (a
 reference on the same prompts) each rule's ranking follows from the estimates alone: exact for its
 N candidates (``verification_candidates``), the estimate for the rest. For each rule and each prompt
-set this prints the positive-set faithfulness at k = 20, 40, 80 (the k heads of largest positive
-effect kept alone, every other head mean-ablated) and the train reference's own, as ``nnsight-sae
-circuit --curve 20,40,80 --reference TRAIN`` reports them, with OK where the rule comes within 10
-points at every k.
+set this prints ROC AUC against the train reference's top 10 / top 20 (as ``nnsight-sae circuit
+--reference TRAIN`` reports it) and, for the mean ablation, the positive-set faithfulness at
+k = 20, 40, 80 (the k heads of largest positive effect kept alone, every other head mean-ablated)
+and the train reference's own, as ``--curve 20,40,80`` reports them, with OK where the rule comes
+within 10 points at every k.
 
-    nnsight-sae reference --task T --out TRAIN
-    nnsight-sae reference --task T --prompts heldout --out HELDOUT
+    nnsight-sae reference --task T [--ablation A] --out TRAIN
+    nnsight-sae reference --task T [--ablation A] --prompts heldout --out HELDOUT
     python tools/verification_rules.py --task T --train TRAIN --heldout HELDOUT
 
-Mean ablation, 40 prompts (the references' own count); minutes on 2 cores, mostly the estimates.
+The ablation and prompt count are the references'; minutes on 2 cores (about 10 per task with
+the faithfulness curves, 2 without).
 """
 
 import argparse
@@ -21,7 +24,7 @@ import argparse
 import torch
 from nnsight_sae_circuits.attribution import attribution_terms, verification_candidates
 
-from nnsight_sae.circuits import read_reference, reference_effects
+from nnsight_sae.circuits import read_reference, reference_effects, reference_sets, roc_auc
 from nnsight_sae.heads import head_sites, keep_only_metric, replacements
 from nnsight_sae.models import load_model
 from nnsight_sae.tasks import get_task
@@ -62,25 +65,32 @@ def main():
     args = parser.parse_args()
     model, task = load_model(), get_task(args.task)
     train = read_reference(args.train)
+    ablation = train.get("ablation", "mean")
     for split, folder in (("train", args.train), ("heldout", args.heldout)):
         ref = read_reference(folder)
-        if ref["split"] != split or ref.get("ablation", "mean") != "mean":
-            raise SystemExit(f"{folder}: not a mean-ablation reference on {split} prompts")
+        if ref["split"] != split or ref.get("ablation", "mean") != ablation:
+            raise SystemExit(f"{folder}: not a {ablation}-ablation reference on {split} prompts")
         prompts = task.prompts(model.tokenizer, ref["n_prompts"], seed=ref["seed"], split=split)
-        replaced = replacements(model, prompts)
+        replaced = replacements(model, prompts, ablation)
         shape = (len(replaced), head_sites(model)[0].n_heads)
         exact = reference_effects(ref, shape)
-        curve = positive_curve(model, task, prompts, replaced, shape)
-        own = curve(reference_effects(train, shape))
-        print(f"{args.task}, {split} prompts: the train reference's own {own}", flush=True)
+        tops = reference_sets(train, shape, sizes=(10, 20))
+        curve = positive_curve(model, task, prompts, replaced, shape) if ablation == "mean" else None
+        own = curve(reference_effects(train, shape)) if curve else None
+        print(f"{args.task}, {ablation} ablation, {split} prompts" + (f": the train reference's own {own}" if curve
+                                                                      else ""), flush=True)
         for steps in STEPS:
-            estimate, magnitude = attribution_terms(model, task, prompts, steps=steps, replaced=replaced)
+            estimate, magnitude = attribution_terms(model, task, prompts, ablation=ablation, steps=steps,
+                                                    replaced=replaced)
             for n in VERIFY:
                 top = verification_candidates(estimate, magnitude, n)
-                points = curve(torch.where(top, exact, estimate))
-                ok = all(p >= o - 10 for p, o in zip(points, own))
-                print(f"  --steps {steps} --verify {n:<3} {points}{'  OK' if ok else ''}", flush=True)
-
+                effects = torch.where(top, exact, estimate)
+                line = f"  --steps {steps} --verify {n:<3} AUC {roc_auc(effects.abs(), tops[10]):.3f} / " \
+                       f"{roc_auc(effects.abs(), tops[20]):.3f}"
+                if curve:
+                    points = curve(effects)
+                    line += f"  {points}{'  OK' if all(p >= o - 10 for p, o in zip(points, own)) else ''}"
+                print(line, flush=True)
 
 if __name__ == "__main__":
     main()
