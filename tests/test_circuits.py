@@ -192,12 +192,16 @@ def test_integrated_attribution_adds_up_to_ablating_every_head(tiny_models, task
 
 
 def test_circuit_ablates_as_its_reference_does(tiny_models, task_file, tmp_path):
+    from nnsight_sae.heads import ABLATIONS
+    from nnsight_sae_circuits.attribution import STEPS_BY_ABLATION
+
     model = tiny_models("llama")
     ref = run_reference(model, task_file, tmp_path / "ref", n_prompts=12, top=4, ablation="zero", progress=False)
     assert ref["ablation"] == "zero" and ref["method"] == "zero-ablation"
     c = run_circuit(model, task_file, tmp_path / "c", n_prompts=12, reference=tmp_path / "ref", n_random=1,
                     progress=False)
     # under zero ablation attribution's gradient is taken at the clean run unless steps says otherwise
+    assert set(STEPS_BY_ABLATION) == set(ABLATIONS)  # every ablation has a default
     assert c["ablation"] == "zero" and c["options"] == {"steps": 0, "verify": 40}
     runs = {name: run_circuit(model, task_file, tmp_path / name, n_prompts=12, reference=tmp_path / "ref",
                               options=options, n_random=1, progress=False)

@@ -85,12 +85,13 @@ def main():
             for n in VERIFY:
                 top = verification_candidates(estimate, magnitude, n)
                 effects = torch.where(top, exact, estimate)
-                line = f"  --steps {steps} --verify {n:<3} AUC {roc_auc(effects.abs(), tops[10]):.3f} / " \
-                       f"{roc_auc(effects.abs(), tops[20]):.3f}"
+                auc = " / ".join(f"{roc_auc(effects.abs(), tops[size]):.3f}" for size in (10, 20))
+                line = f"  --steps {steps} --verify {n:<3} AUC {auc}"
                 if curve:
                     points = curve(effects)
                     line += f"  {points}{'  OK' if all(p >= o - 10 for p, o in zip(points, own)) else ''}"
                 print(line, flush=True)
+
 
 if __name__ == "__main__":
     main()
