@@ -219,6 +219,27 @@ def run_circuit(model, task_name: str, out: str | Path, *, method: str | None = 
     return result
 
 
+class CircuitRuns:
+    """The task metric (mean over the positive prompts) with only the heads of a bool (L, H) mask
+    left, every other head replaced by ``replaced`` (``replacements``): ``runs(keep)``. Each
+    distinct mask runs once; ``fraction(m)`` is m as a share of clean minus all-ablated."""
+
+    def __init__(self, model, task, prompts, replaced, shape):
+        self.model, self.task, self.prompts, self.replaced = model, task, prompts, replaced
+        self._memo = {}
+        self.clean = self(torch.ones(shape, dtype=torch.bool))
+        self.ablated = self(torch.zeros(shape, dtype=torch.bool))
+
+    def __call__(self, keep: torch.Tensor) -> float:
+        key = tuple(keep.flatten().tolist())
+        if key not in self._memo:
+            self._memo[key] = float(keep_only_metric(self.model, self.task, self.prompts, keep, self.replaced).mean())
+        return self._memo[key]
+
+    def fraction(self, metric: float) -> float:
+        return (metric - self.ablated) / (self.clean - self.ablated) if self.clean != self.ablated else float("nan")
+
+
 def faithfulness(model, task, prompts, scores: torch.Tensor, k: int, *, effects: torch.Tensor | None = None,
                  n_random: int = 5, seed: int = 0, curve: list[int] | None = None, ablation: str = "mean",
                  reference: torch.Tensor | None = None) -> dict:
@@ -232,11 +253,8 @@ def faithfulness(model, task, prompts, scores: torch.Tensor, k: int, *, effects:
     and top k positive kept alone ("reference_top_k", "reference_top_k_positive")."""
     t = time.perf_counter()
     L, H = scores.shape
-    replaced = replacements(model, prompts, ablation)
-    run = lambda keep: float(keep_only_metric(model, task, prompts, keep, replaced).mean())  # noqa: E731
-    clean = run(torch.ones(L, H, dtype=torch.bool))
-    ablated = run(torch.zeros(L, H, dtype=torch.bool))
-    fraction = lambda m: (m - ablated) / (clean - ablated) if clean != ablated else float("nan")  # noqa: E731
+    run = CircuitRuns(model, task, prompts, replacements(model, prompts, ablation), (L, H))
+    fraction = run.fraction
     generator = torch.Generator().manual_seed(seed)
 
     def keep(index):
@@ -262,7 +280,7 @@ def faithfulness(model, task, prompts, scores: torch.Tensor, k: int, *, effects:
             row["reference_top_k_positive"] = fraction(run(keep(reference.flatten().topk(row["k"]).indices)))
         return row
 
-    result = {"metric_clean": clean, "metric_all_ablated": ablated, **at(k, n_random)}
+    result = {"metric_clean": run.clean, "metric_all_ablated": run.ablated, **at(k, n_random)}
     if curve:
         result["curve"] = [with_reference(at(c, 2)) for c in sorted({min(c, L * H) for c in curve})]
     result["seconds"] = round(time.perf_counter() - t, 2)

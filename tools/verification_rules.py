@@ -24,8 +24,8 @@ import argparse
 import torch
 from nnsight_sae_circuits.attribution import attribution_terms, verification_candidates
 
-from nnsight_sae.circuits import read_reference, reference_effects, reference_sets, roc_auc
-from nnsight_sae.heads import head_sites, keep_only_metric, replacements
+from nnsight_sae.circuits import CircuitRuns, read_reference, reference_effects, reference_sets, roc_auc
+from nnsight_sae.heads import head_sites, replacements
 from nnsight_sae.models import load_model
 from nnsight_sae.tasks import get_task
 
@@ -34,24 +34,14 @@ VERIFY = (0, 20, 30, 40, 50, 60, 80)
 KS = (20, 40, 80)
 
 
-def positive_curve(model, task, prompts, replaced, shape):
+def positive_curve(runs: CircuitRuns):
     """A function of per-head effects: the faithfulness (%) of their k most positive heads kept alone."""
-    memo = {}
-
-    def kept(keep):
-        key = tuple(keep.flatten().tolist())
-        if key not in memo:
-            memo[key] = float(keep_only_metric(model, task, prompts, keep.view(shape), replaced).mean())
-        return memo[key]
-
-    clean, ablated = kept(torch.ones(shape, dtype=torch.bool)), kept(torch.zeros(shape, dtype=torch.bool))
-
     def curve(effects):
         points = []
         for k in KS:
             keep = torch.zeros(effects.numel(), dtype=torch.bool)
             keep[effects.flatten().topk(k).indices] = True
-            points.append(round(100 * (kept(keep) - ablated) / (clean - ablated)))
+            points.append(round(100 * runs.fraction(runs(keep.view(effects.shape)))))
         return points
 
     return curve
@@ -75,7 +65,7 @@ def main():
         shape = (len(replaced), head_sites(model)[0].n_heads)
         exact = reference_effects(ref, shape)
         tops = reference_sets(train, shape, sizes=(10, 20))
-        curve = positive_curve(model, task, prompts, replaced, shape) if ablation == "mean" else None
+        curve = positive_curve(CircuitRuns(model, task, prompts, replaced, shape)) if ablation == "mean" else None
         own = curve(reference_effects(train, shape)) if curve else None
         print(f"{args.task}, {ablation} ablation, {split} prompts" + (f": the train reference's own {own}" if curve
                                                                       else ""), flush=True)
