@@ -22,21 +22,20 @@ from pathlib import Path
 import torch
 from verification_rules import positive_curve
 
-from nnsight_sae.circuits import CircuitRuns, read_reference
+from nnsight_sae.circuits import CircuitRuns, read_reference, reference_effects
 from nnsight_sae.heads import head_sites, replacements
 from nnsight_sae.models import load_model
 from nnsight_sae.tasks import get_task
 
 
 def ranking(folder: Path, shape) -> tuple[dict, torch.Tensor]:
-    """A folder's run (its JSON) and its signed per-head effects (a circuit's estimates, where its
-    method gives them, else its scores; a reference's exact effects)."""
+    """A folder's run (its JSON) and every head's signed effect: a circuit's estimates or a
+    reference's exact effects."""
     circuit = folder / "circuit.json"
     run = json.loads(circuit.read_text()) if circuit.exists() else read_reference(folder)
-    values = torch.zeros(shape)
-    for h in run["heads"]:
-        values[h["layer"], h["head"]] = h.get("effect", h.get("score"))
-    return run, values
+    if not all("effect" in h for h in run["heads"]):
+        raise SystemExit(f"{folder}: its method gives no signed effect per head")
+    return run, reference_effects(run, shape)
 
 
 def main():
